@@ -1,0 +1,1 @@
+"""Python client for the lateserve.v1 gRPC services."""

@@ -1,0 +1,1 @@
+"""Generated lateserve.v1 stubs; see proto/python/codegen.py."""

@@ -1,0 +1,131 @@
+"""The family plug-in seam: what a model family provides to the server and to the workers.
+
+A family owns config detection, weight loading, input preparation (tokenization, markers,
+truncation), the forward pass and its heads, and declares its scoring kind. It never sees
+proto, gRPC, asyncio or queues. `InputProcessor` runs in the server process (tokenizer only);
+`ModelRunner` runs in a worker process (torch). Modules defining families import torch only
+inside `Family.runner` or in separate runner modules, so the server process stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from lateserve.server.engine.types import (
+    EncodeOptions,
+    Item,
+    ItemOutputs,
+    ModelKind,
+    Sequence,
+    Task,
+    WorkItem,
+)
+
+Role = Literal["query", "document", "input"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where a model comes from and how the user asked to load it."""
+
+    path: Path
+    """Local directory holding config.json and weights (a Hub id is resolved before this)."""
+    name: str
+    """What the user passed (Hub id or directory), reported by Info."""
+    config: dict[str, Any]
+    """config.json with --hf-overrides merged in."""
+    trust_remote_code: bool = False
+    max_model_len: int | None = None
+    chat_template: str | None = None
+
+    def read_json(self, relative: str) -> dict[str, Any] | None:
+        """A JSON file of the checkpoint, or None when absent."""
+        file = self.path / relative
+        if not file.is_file():
+            return None
+        with file.open(encoding="utf-8") as fh:
+            data: dict[str, Any] = json.load(fh)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What the server knows about a model without its weights."""
+
+    architecture: str
+    kind: ModelKind
+    tasks: frozenset[Task]
+    default_task: Task
+    token_dim: int
+    embed_dim: int
+    max_model_len: int
+    score_modes: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class InputProcessor(ABC):
+    """Turns request items into token sequences. Runs in the server process, on the CPU."""
+
+    @abstractmethod
+    def encode(self, item: Item, options: EncodeOptions, role: Role) -> Sequence:
+        """Tokenize one item. Applies truncation from options; never checks max_model_len
+        (the engine does, once, for every family). Raises InvalidArgument for bad input."""
+
+    @abstractmethod
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Plain tokenization for /tokenize."""
+
+    @abstractmethod
+    def token_strings(self, ids: Seq[int]) -> list[str]:
+        """Vocabulary strings of token ids."""
+
+    @abstractmethod
+    def detokenize(self, ids: Seq[int]) -> str:
+        """Text of token ids; raises InvalidArgument for ids outside the vocabulary."""
+
+    def render_chat(self, messages: Seq[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """Chat messages rendered into one prompt with the chat template."""
+        from lateserve.server.errors import InvalidArgument
+
+        raise InvalidArgument("this model has no chat template; pass --chat-template", field="messages")
+
+
+class ModelRunner(ABC):
+    """A loaded model replica. Runs in a worker process; owns torch."""
+
+    @abstractmethod
+    def forward(self, batch: Seq[WorkItem]) -> list[ItemOutputs]:
+        """Run one batch; return, per item, a float32 array for each task it asked for.
+
+        An item's outputs must not depend on the other items of the batch."""
+
+    def warmup(self) -> None:  # noqa: B027 - optional hook
+        """Run once after loading so the first request does not pay for lazy init."""
+
+
+class Family(ABC):
+    """A model family plug-in, registered by architecture name in `registry`."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, source: ModelSource) -> None:
+        self.source = source
+
+    @abstractmethod
+    def spec(self) -> ModelSpec:
+        """Capabilities, dims and limits, read from config and file headers (no torch)."""
+
+    @abstractmethod
+    def processor(self) -> InputProcessor:
+        """The tokenizer side, for the server process."""
+
+    @abstractmethod
+    def runner(self, device: str, dtype: str) -> ModelRunner:
+        """Load weights onto `device` in `dtype` ("float32", "float16", "bfloat16").
+
+        Raises ModelLoadError naming missing or unexpected weights; never random-initialises."""

@@ -1,0 +1,90 @@
+"""Architecture name -> family class, imported lazily, plus resolving a model argument to files.
+
+Third-party families register through the `lateserve.families` entry-point group
+(name = architecture, value = "module:Class").
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from lateserve.server.errors import ModelLoadError
+from lateserve.server.families.base import Family, ModelSource
+
+# architecture -> (module, class). The first entry of config.architectures that is known wins.
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "HF_ColBERT": ("lateserve.server.families.colbert", "BertColBERT"),
+    "ColBERTModel": ("lateserve.server.families.colbert", "BertColBERT"),
+    # Plain BERT encoders (the bundled all-MiniLM-L6-v2) serve their normalised token states.
+    "BertModel": ("lateserve.server.families.colbert", "BertColBERT"),
+}
+
+
+def known_architectures() -> dict[str, tuple[str, str]]:
+    """Built-in architectures plus those plug-ins declare."""
+    table = dict(ARCHITECTURES)
+    for ep in entry_points(group="lateserve.families"):
+        module, _, cls = ep.value.partition(":")
+        table[ep.name] = (module, cls)
+    return table
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory as is; otherwise a Hub id fetched (or found in the cache) by huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise ModelLoadError(f"{model} is a file; expected a model directory or a Hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=model))
+    except Exception as exc:  # noqa: BLE001 - every hub failure means the same thing to the user
+        raise ModelLoadError(
+            f"cannot load {model!r}: not a local directory, and the Hub download failed ({exc})"
+        ) from exc
+
+
+def load_source(
+    model: str,
+    *,
+    hf_overrides: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+    max_model_len: int | None = None,
+    chat_template: str | None = None,
+) -> ModelSource:
+    """Reads config.json, merges --hf-overrides (shallow, as vLLM) and returns the source."""
+    path = resolve_model_dir(model)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} has no config.json")
+    config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
+    config.update(hf_overrides or {})
+    return ModelSource(
+        path=path,
+        name=model,
+        config=config,
+        trust_remote_code=trust_remote_code,
+        max_model_len=max_model_len,
+        chat_template=chat_template,
+    )
+
+
+def family_for(source: ModelSource) -> Family:
+    """Instantiate the family of the first known architecture in the config."""
+    table = known_architectures()
+    declared = list(source.config.get("architectures") or [])
+    for arch in declared:
+        if arch in table:
+            module, cls = table[arch]
+            family_cls: type[Family] = getattr(importlib.import_module(module), cls)
+            return family_cls(source)
+    raise ModelLoadError(
+        f"unsupported architecture {declared or '(none declared)'}; known: {', '.join(sorted(table))}. "
+        "Set it with --hf-overrides '{\"architectures\": [\"...\"]}'"
+    )

@@ -1,0 +1,1 @@
+"""gRPC servicers: one per lateserve.v1 service, translating proto to engine calls and back."""

@@ -1,0 +1,1 @@
+"""Worker processes that hold model replicas, and the pool that supervises them."""
