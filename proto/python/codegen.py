@@ -33,8 +33,11 @@ def generate(out_root: Path) -> None:
             old.unlink()
     target.mkdir(parents=True, exist_ok=True)
     include = str(Path(protoc.__file__).parent / "_proto")
+    bin_dir = Path(sys.executable).parent  # mypy-protobuf's plugins live beside the interpreter
     args = [
         "grpc_tools.protoc",
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_root}",

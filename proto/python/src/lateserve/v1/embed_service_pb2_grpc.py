@@ -47,7 +47,8 @@ class EmbedServiceServicer:
     """
 
     def Embed(self, request, context):
-        """Embeds every input. A model without the embed task is UNIMPLEMENTED.
+        """Embeds every input. A model without the embed task answers INVALID_ARGUMENT
+        (reason UNSUPPORTED_TASK), as vLLM answers 400 "Unsupported task: 'embed'".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,7 +34,9 @@ class EmbedServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EmbedServiceAsyncStub: ...
     Embed: _grpc.UnaryUnaryMultiCallable[_embed_service_pb2.EmbedRequest, _embed_service_pb2.EmbedResponse]
-    """Embeds every input. A model without the embed task is UNIMPLEMENTED."""
+    """Embeds every input. A model without the embed task answers INVALID_ARGUMENT
+    (reason UNSUPPORTED_TASK), as vLLM answers 400 "Unsupported task: 'embed'".
+    """
 
 @_typing.type_check_only
 class EmbedServiceAsyncStub(EmbedServiceStub):
@@ -42,7 +44,9 @@ class EmbedServiceAsyncStub(EmbedServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Embed: _aio.UnaryUnaryMultiCallable[_embed_service_pb2.EmbedRequest, _embed_service_pb2.EmbedResponse]  # type: ignore[assignment]
-    """Embeds every input. A model without the embed task is UNIMPLEMENTED."""
+    """Embeds every input. A model without the embed task answers INVALID_ARGUMENT
+    (reason UNSUPPORTED_TASK), as vLLM answers 400 "Unsupported task: 'embed'".
+    """
 
 class EmbedServiceServicer(metaclass=_abc_1.ABCMeta):
     """Returns one vector per input (bi-encoders, BGE-M3 dense)."""
@@ -53,6 +57,8 @@ class EmbedServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _embed_service_pb2.EmbedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_embed_service_pb2.EmbedResponse, _abc.Awaitable[_embed_service_pb2.EmbedResponse]]:
-        """Embeds every input. A model without the embed task is UNIMPLEMENTED."""
+        """Embeds every input. A model without the embed task answers INVALID_ARGUMENT
+        (reason UNSUPPORTED_TASK), as vLLM answers 400 "Unsupported task: 'embed'".
+        """
 
 def add_EmbedServiceServicer_to_server(servicer: EmbedServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -72,7 +72,7 @@ def decode_array(data: bytes, dtype: int, shape: tuple[int, ...]) -> npt.NDArray
 
 def to_tensor(array: npt.NDArray[np.float32], dtype: int = Dtype.DTYPE_FLOAT32) -> Tensor:
     """A Tensor message holding `array` in `dtype` (unspecified means float32)."""
-    wire = dtype or Dtype.DTYPE_FLOAT32
+    wire = Dtype.ValueType(dtype or Dtype.DTYPE_FLOAT32)
     return Tensor(dtype=wire, shape=list(array.shape), data=encode_array(array, wire))
 
 

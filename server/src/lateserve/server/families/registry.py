@@ -44,7 +44,7 @@ def resolve_model_dir(model: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id=model))
-    except Exception as exc:  # noqa: BLE001 - every hub failure means the same thing to the user
+    except Exception as exc:
         raise ModelLoadError(
             f"cannot load {model!r}: not a local directory, and the Hub download failed ({exc})"
         ) from exc
@@ -86,5 +86,5 @@ def family_for(source: ModelSource) -> Family:
             return family_cls(source)
     raise ModelLoadError(
         f"unsupported architecture {declared or '(none declared)'}; known: {', '.join(sorted(table))}. "
-        "Set it with --hf-overrides '{\"architectures\": [\"...\"]}'"
+        'Set it with --hf-overrides \'{"architectures": ["..."]}\''
     )

@@ -1,0 +1,1 @@
+"""Pieces every route family shares: base schemas, input translation and the HTTP helpers."""

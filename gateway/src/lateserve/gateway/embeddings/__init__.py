@@ -1,0 +1,1 @@
+"""POST /v1/embeddings: one vector per input (OpenAI / vLLM embeddings API)."""

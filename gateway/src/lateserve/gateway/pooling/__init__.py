@@ -1,0 +1,1 @@
+"""POST /pooling: raw pooled outputs (token vectors, token scores, vectors, label scores)."""

@@ -1,0 +1,19 @@
+"""vLLM's RerankRequest. `return_documents`, `rank_fields` and other Jina/Cohere fields are accepted
+and ignored (vLLM always returns documents)."""
+
+from __future__ import annotations
+
+from lateserve.gateway.common.protocol import Int32, PoolingBasicFields, ScoreInput, ScoreInputs
+from pydantic import Field
+
+
+class RerankRequest(PoolingBasicFields):
+    """One query ranked against documents."""
+
+    query: ScoreInput
+    documents: ScoreInputs
+    top_n: Int32 = Field(default=0, description="Return the best top_n; 0 (or >= len(documents)) returns all.")
+    score_mode: str | None = Field(
+        default=None, description="lateserve extension: score mode for models with several (BGE-M3)."
+    )
+    use_activation: bool | None = None

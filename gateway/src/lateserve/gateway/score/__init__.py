@@ -1,0 +1,1 @@
+"""POST /score and its deprecated alias /v1/score."""

@@ -1,0 +1,34 @@
+"""Pure JSON <-> proto for /score."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lateserve.gateway.common import translate as common
+from lateserve.gateway.score.protocol import ScoreRequest
+from lateserve.v1 import score_service_pb2
+
+
+def score_request_to_proto(body: ScoreRequest, request_id: str) -> score_service_pb2.ScoreRequest:
+    """Any of the four spellings as ScoreRequest.queries/documents (scalars become one item)."""
+    queries, documents = body.pair()
+    return score_service_pb2.ScoreRequest(
+        model=body.model or "",
+        queries=common.score_inputs_to_proto(queries),
+        documents=common.score_inputs_to_proto(documents),
+        options=common.encode_options(body),
+        request_id=request_id,
+        score_mode=body.score_mode or "",
+    )
+
+
+def score_response_to_json(response: score_service_pb2.ScoreResponse, created: int) -> dict[str, Any]:
+    """vLLM's ScoreResponse: results in pair order."""
+    return {
+        "id": response.id,
+        "object": "list",
+        "created": created,
+        "model": response.model,
+        "data": [{"index": r.index, "object": "score", "score": r.score} for r in response.results],
+        "usage": common.usage_info(response.usage),
+    }

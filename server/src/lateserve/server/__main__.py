@@ -1,0 +1,3 @@
+from lateserve.server.cli import main
+
+main()

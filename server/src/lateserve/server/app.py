@@ -1,0 +1,189 @@
+"""Builds and runs the server: model source -> family -> worker pool -> engine -> gRPC services
+(+ health, reflection) -> optional in-process gateway. Start order and the drain order on stop
+live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+from lateserve.server import metrics
+from lateserve.server.config import (
+    DEFAULT_SERVED_NAME,
+    ServerConfig,
+    default_model_path,
+    resolve_device,
+    resolve_dtype,
+    worker_layout,
+)
+from lateserve.server.engine.engine import Engine
+from lateserve.server.families.registry import family_for, load_source
+from lateserve.server.health import ALL_SERVICES, HealthState
+from lateserve.server.scheduler.batcher import Batcher, Ticket
+from lateserve.server.scheduler.queue import BatchQueue
+from lateserve.server.services.convert import ServedModel
+from lateserve.server.services.embed import EmbedServicer
+from lateserve.server.services.info import InfoServicer, build_info
+from lateserve.server.services.pool import PoolServicer
+from lateserve.server.services.rerank import RerankServicer
+from lateserve.server.services.score import ScoreServicer
+from lateserve.server.services.tokenize import TokenizeServicer
+from lateserve.server.workers.messages import WorkerSpec
+from lateserve.server.workers.pool import WorkerPool
+from lateserve.v1 import (
+    embed_service_pb2_grpc,
+    info_service_pb2,
+    info_service_pb2_grpc,
+    pool_service_pb2_grpc,
+    rerank_service_pb2_grpc,
+    score_service_pb2_grpc,
+    tokenize_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    """One served model behind gRPC (and the gateway, unless disabled)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.grpc_port = 0
+        self.http_port = 0
+        self.pool: WorkerPool | None = None
+        self.engine: Engine | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._gateway: Any = None
+        self._batcher: Batcher | None = None
+        self._health: HealthState | None = None
+        self._health_tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        cfg = self.config
+        model = cfg.model or default_model_path()
+        name = cfg.served_model_name or cfg.model or DEFAULT_SERVED_NAME
+        source = load_source(
+            model,
+            hf_overrides=cfg.hf_overrides,
+            trust_remote_code=cfg.trust_remote_code,
+            max_model_len=cfg.max_model_len,
+            chat_template=cfg.chat_template,
+        )
+        family = family_for(source)
+        spec = family.spec()
+        processor = family.processor()
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        n_workers, threads = worker_layout(device, cfg.workers, cfg.threads_per_worker)
+        log.info(
+            "serving %s (%s, %s) as %r: %d worker(s) x %d thread(s) on %s, dtype %s, max_model_len %d",
+            source.name, spec.architecture, spec.kind.value, name, n_workers, threads, device, dtype,
+            spec.max_model_len,
+        )  # fmt: skip
+        self.pool = WorkerPool(
+            [
+                WorkerSpec(
+                    model=str(source.path),
+                    hf_overrides=cfg.hf_overrides,
+                    trust_remote_code=cfg.trust_remote_code,
+                    max_model_len=cfg.max_model_len,
+                    device=device,
+                    dtype=dtype,
+                    threads=threads,
+                    worker_id=i,
+                    cuda_device=i if device == "cuda" else None,
+                )
+                for i in range(n_workers)
+            ],
+            load_timeout_s=cfg.load_timeout_seconds,
+        )
+        queue: BatchQueue[Ticket] = BatchQueue(max(cfg.max_num_batched_tokens, spec.max_model_len), cfg.max_num_seqs)
+        self._batcher = Batcher(self.pool, queue)
+        self.engine = Engine(spec, processor, self._batcher, max_queued_requests=cfg.max_queued_requests)
+        served = ServedModel(name, self.engine)
+        limits = info_service_pb2.Limits(
+            max_num_batched_tokens=queue.max_batch_tokens,
+            max_num_seqs=cfg.max_num_seqs,
+            max_queued_requests=cfg.max_queued_requests,
+            max_message_bytes=cfg.max_message_bytes,
+        )
+        info = build_info(
+            name=name, source=source.name, spec=spec, dtype=dtype, device=device, workers=n_workers, limits=limits
+        )
+        self._health = HealthState(spec)
+        await self._health.update(0)
+        self.pool.add_listener(self._on_pool_change)
+        self._grpc = self._build_grpc(served, info)
+        self.grpc_port = self._grpc.add_insecure_port(f"{cfg.grpc_host}:{cfg.grpc_port}")
+        await self._grpc.start()
+        self._batcher.start()
+        try:
+            await self.pool.start()
+            if cfg.gateway:
+                await self._start_gateway()
+        except BaseException:
+            await self.stop(0)
+            raise
+        log.info("ready: gRPC on port %d%s", self.grpc_port, f", HTTP on port {self.http_port}" if cfg.gateway else "")
+
+    def _build_grpc(self, served: ServedModel, info: info_service_pb2.GetInfoResponse) -> grpc.aio.Server:
+        limit = self.config.max_message_bytes
+        server = grpc.aio.server(
+            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        )
+        assert self._health is not None
+        rerank_service_pb2_grpc.add_RerankServiceServicer_to_server(RerankServicer(served), server)
+        score_service_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(served), server)
+        pool_service_pb2_grpc.add_PoolServiceServicer_to_server(PoolServicer(served), server)
+        embed_service_pb2_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(served), server)
+        tokenize_service_pb2_grpc.add_TokenizeServiceServicer_to_server(TokenizeServicer(served), server)
+        info_service_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(info), server)
+        from grpc_health.v1 import health_pb2_grpc
+
+        health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, server)
+        reflection.enable_server_reflection((*ALL_SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
+        return server
+
+    async def _start_gateway(self) -> None:
+        from lateserve.gateway.app import start_gateway
+        from lateserve.gateway.config import GatewayConfig
+
+        cfg = self.config
+        self._gateway = await start_gateway(
+            GatewayConfig(
+                grpc_target=f"127.0.0.1:{self.grpc_port}",
+                host=cfg.host,
+                port=cfg.port,
+                max_body_bytes=cfg.max_body_bytes,
+                grpc_max_message_bytes=cfg.max_message_bytes,
+            )
+        )
+        addresses = getattr(self._gateway, "addresses", [])
+        self.http_port = int(addresses[0][1]) if addresses else cfg.port
+
+    def _on_pool_change(self, ready: int) -> None:
+        metrics.WORKERS_READY.set(ready)
+        if self._health is not None:
+            task = asyncio.get_running_loop().create_task(self._health.update(ready))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new work, let in-flight requests finish, stop workers."""
+        grace = self.config.shutdown_grace_seconds if grace_s is None else grace_s
+        if self._health is not None:
+            await self._health.drain()
+        if self.engine is not None:
+            self.engine.accepting = False
+        if self._gateway is not None:
+            await self._gateway.cleanup()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._batcher is not None:
+            await self._batcher.stop()
+        if self.pool is not None:
+            await self.pool.stop()

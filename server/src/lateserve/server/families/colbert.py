@@ -1,0 +1,287 @@
+"""BERT late-interaction family: HF_ColBERT (BERT + `linear` projection) and plain BertModel.
+
+Serves vLLM's raw semantics (vllm-spec 1.2): text tokenized with the tokenizer's own special
+tokens, every token's vector returned, last_hidden_state -> linear (no bias) -> L2 norm in float32.
+torch and transformers are imported only inside the runner and the tokenizer loader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from collections.abc import Sequence as Seq
+from functools import cached_property
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+from lateserve.server.engine.types import (
+    EmbeddingMode,
+    EncodeOptions,
+    Item,
+    ItemOutputs,
+    ModelKind,
+    MultiModalItem,
+    Sequence,
+    Task,
+    TextItem,
+    TruncationSide,
+    WorkItem,
+)
+from lateserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented, UnsupportedTask
+from lateserve.server.families import loading
+from lateserve.server.families.base import Family, InputProcessor, ModelRunner, ModelSource, ModelSpec, Role
+from lateserve.wire import status as reasons
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+T = TypeVar("T")
+
+PROJECTION_KEYS = ("linear.weight", "colbert_linear.weight")
+_PREFIXES = ("model.", "bert.")  # stripped in this order, as vLLM's ColBERTModel does
+_DIM_KEYS = ("colbert_dim", "dim", "projection_dim")
+_PROJECTED = frozenset({"HF_ColBERT", "ColBERTModel"})
+# transformers writes 1e30 as model_max_length when a tokenizer declares no limit.
+_SANE_TOKENIZER_LIMIT = 1_000_000
+
+
+def split_checkpoint(state: Mapping[str, T]) -> tuple[dict[str, T], T | None, dict[str, str]]:
+    """(backbone entries under BertModel's own names, the projection or None, new name -> file name).
+
+    The BERT pooler is dropped: vLLM never runs it, and its weights are in every Hub checkpoint.
+    """
+    backbone: dict[str, T] = {}
+    origin: dict[str, str] = {}
+    projection: T | None = None
+    for name, value in state.items():
+        short = name
+        for prefix in _PREFIXES:
+            short = short.removeprefix(prefix)
+        if short in PROJECTION_KEYS and projection is None:
+            projection = value
+        elif not short.startswith("pooler."):
+            backbone[short] = value
+            origin[short] = name
+    return backbone, projection, origin
+
+
+class BertColBERT(Family):
+    """One family for both layouts: the architecture decides whether a projection is required."""
+
+    architectures = ("HF_ColBERT", "ColBERTModel", "BertModel")
+
+    @cached_property
+    def architecture(self) -> str:
+        declared = self.source.config.get("architectures") or []
+        return next((a for a in declared if a in self.architectures), self.architectures[0])
+
+    @property
+    def projected(self) -> bool:
+        return self.architecture in _PROJECTED
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            architecture=self.architecture,
+            kind=ModelKind.LATE_INTERACTION,
+            tasks=frozenset({Task.TOKEN_EMBED}),
+            default_task=Task.TOKEN_EMBED,
+            token_dim=self._token_dim,
+            embed_dim=0,
+            max_model_len=self._max_model_len,
+        )
+
+    @cached_property
+    def _token_dim(self) -> int:
+        config = self.source.config
+        if not self.projected:
+            return int(config["hidden_size"])
+        configured = next((config[k] for k in _DIM_KEYS if config.get(k)), None)
+        if configured is not None:
+            return int(configured)
+        _, shape, _ = split_checkpoint(loading.read_safetensors_shapes(self.source.path))
+        if shape is None:
+            raise ModelLoadError(f"{self.architecture} checkpoint {self.source.path} has no linear.weight projection")
+        return shape[0]
+
+    @cached_property
+    def _max_model_len(self) -> int:
+        limits: list[float] = [self.source.max_model_len or math.inf]
+        limits.append(int(self.source.config.get("max_position_embeddings", 512)))
+        tokenizer_config = self.source.read_json("tokenizer_config.json") or {}
+        declared = tokenizer_config.get("model_max_length")
+        if isinstance(declared, int | float) and 0 < declared < _SANE_TOKENIZER_LIMIT:
+            limits.append(int(declared))
+        return int(min(limits))
+
+    def processor(self) -> BertProcessor:
+        tokenizer = loading.load_tokenizer(self.source.path, trust_remote_code=self.source.trust_remote_code)
+        vocab_size = int(self.source.config.get("vocab_size") or len(tokenizer))
+        return BertProcessor(
+            tokenizer, architecture=self.architecture, vocab_size=vocab_size, max_model_len=self._max_model_len
+        )
+
+    def runner(self, device: str, dtype: str) -> BertRunner:
+        dim = self._token_dim if self.projected else None
+        return BertRunner(self.source, architecture=self.architecture, dim=dim, device=device, dtype=dtype)
+
+
+class BertProcessor(InputProcessor):
+    """Tokenizer side. Faithful ColBERT modes (markers, [MASK] expansion, skiplist via `keep`) plug into `encode`."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, *, architecture: str, vocab_size: int, max_model_len: int
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._architecture = architecture
+        self._vocab_size = vocab_size
+        self._max_model_len = max_model_len
+
+    def encode(self, item: Item, options: EncodeOptions, role: Role) -> Sequence:
+        if isinstance(item, MultiModalItem):
+            raise Unimplemented(
+                f"multimodal input is not supported by {self._architecture}", reason=reasons.UNSUPPORTED_INPUT
+            )
+        if options.embedding_mode is not EmbeddingMode.RAW:
+            raise InvalidArgument(
+                f"embedding_mode {options.embedding_mode.value!r} is not supported by {self._architecture} yet; "
+                "use 'raw'",
+                field="embedding_mode",
+            )
+        limit = options.truncate_prompt_tokens
+        if limit == -1:
+            limit = self._max_model_len
+        if isinstance(item, TextItem):
+            ids = self._encode_text(item.text, options.add_special_tokens, limit, options.truncation_side)
+        else:
+            ids = _truncate(list(item.ids), limit, options.truncation_side)
+            self._check_ids(ids, self._vocab_size, field="input")
+        return Sequence(ids=tuple(ids), prompt_tokens=len(ids))
+
+    def _encode_text(self, text: str, special: bool, limit: int | None, side: TruncationSide) -> list[int]:
+        """vLLM truncates text inside the tokenizer, which drops text tokens and keeps the template's
+        special tokens ([CLS] ... [SEP]); only when even those do not fit does it cut the final list."""
+        encoding = self._tokenizer(text, add_special_tokens=special, return_attention_mask=False, verbose=False)
+        ids: list[int] = list(encoding["input_ids"])
+        if limit is None or len(ids) <= limit or not self._tokenizer.is_fast:
+            return _truncate(ids, limit, side)
+        text_positions = [i for i, s in enumerate(encoding.sequence_ids()) if s is not None]
+        excess = len(ids) - limit
+        if excess > len(text_positions):
+            return _truncate(ids, limit, side)
+        dropped = set(text_positions[:excess] if side is TruncationSide.LEFT else text_positions[-excess:])
+        return [t for i, t in enumerate(ids) if i not in dropped]
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def token_strings(self, ids: Seq[int]) -> list[str]:
+        self._check_ids(ids, len(self._tokenizer), field="tokens")
+        return [str(t) for t in self._tokenizer.convert_ids_to_tokens(list(ids))]
+
+    def detokenize(self, ids: Seq[int]) -> str:
+        self._check_ids(ids, len(self._tokenizer), field="tokens")
+        return str(self._tokenizer.decode(list(ids)))
+
+    @staticmethod
+    def _check_ids(ids: Seq[int], size: int, *, field: str) -> None:
+        """An out-of-range id would crash the embedding lookup for the whole batch, or decode to garbage."""
+        bad = [i for i in ids if not 0 <= i < size]
+        if bad:
+            raise InvalidArgument(f"token id {bad[0]} is out of vocabulary (size {size})", field=field)
+
+
+def _truncate(ids: list[int], limit: int | None, side: TruncationSide) -> list[int]:
+    """vLLM's cut of a token list: left keeps the last `limit` ids, right the first."""
+    if limit is None or len(ids) <= limit:
+        return ids
+    return ids[len(ids) - limit :] if side is TruncationSide.LEFT else ids[:limit]
+
+
+class BertRunner(ModelRunner):
+    """transformers' BertModel with weights loaded strictly; the head runs in float32 whatever the dtype."""
+
+    def __init__(self, source: ModelSource, *, architecture: str, dim: int | None, device: str, dtype: str) -> None:
+        """`dim` None means plain BERT (no head); otherwise the projection must be [dim, hidden]."""
+        import torch
+        from transformers import BertConfig, BertModel
+
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ModelLoadError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
+        config = BertConfig.from_dict(dict(source.config))
+        config._attn_implementation = "sdpa"
+        with _skip_init():
+            backbone = BertModel(config, add_pooling_layer=False)
+        backbone_state, projection, origin = split_checkpoint(loading.load_safetensors(source.path))
+        # Old checkpoints carry buffers transformers now recomputes (embeddings.position_ids).
+        persistent = set(backbone.state_dict())
+        recomputed = {name for name, _ in backbone.named_buffers()} - persistent
+        state = {f"bert.{k}": v for k, v in backbone_state.items() if k not in recomputed}
+        names = {f"bert.{k}": v for k, v in origin.items()}
+        if projection is not None:
+            state["linear.weight"] = projection  # unexpected, hence reported, when plain BERT has no head
+        modules: dict[str, torch.nn.Module] = {"bert": backbone}
+        if dim is not None:
+            modules["linear"] = torch.nn.Linear(config.hidden_size, dim, bias=False)
+        model = torch.nn.ModuleDict(modules)
+        loading.load_state_dict_strict(model, state, what=f"{architecture} checkpoint {source.path}", names=names)
+
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.pad_id = int(config.pad_token_id or 0)
+        model.to(self.device).eval()
+        model["bert"].to(self.dtype)  # the head stays float32, as vLLM's head_dtype
+        self.bert = backbone
+        self.linear = modules.get("linear")
+        self.dim = dim or int(config.hidden_size)
+
+    def forward(self, batch: Seq[WorkItem]) -> list[ItemOutputs]:
+        import torch
+        import torch.nn.functional as F
+
+        for item in batch:
+            if item.tasks - {Task.TOKEN_EMBED}:
+                raise UnsupportedTask(f"this model only computes token_embed, not {sorted(item.tasks)}")
+        if not batch:
+            return []
+        lengths = [item.sequence.num_tokens for item in batch]
+        width = max(lengths)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, item in enumerate(batch):
+            seq = item.sequence
+            ids[row, : len(seq.ids)] = torch.tensor(seq.ids, dtype=torch.long)
+            mask[row, : len(seq.ids)] = torch.tensor(seq.attention_mask or [1] * len(seq.ids), dtype=torch.long)
+        with torch.inference_mode():
+            vectors = self._embed(ids.to(self.device), mask.to(self.device)) if width else None
+            outputs: list[ItemOutputs] = []
+            for row, item in enumerate(batch):
+                rows = vectors[row, : lengths[row]] if vectors is not None else torch.zeros((0, self.dim))
+                if item.sequence.keep is not None:
+                    rows = rows[list(item.sequence.keep)]
+                if item.normalize:
+                    rows = F.normalize(rows, p=2, dim=-1)
+                outputs.append({Task.TOKEN_EMBED: np.array(rows.cpu().numpy(), dtype=np.float32)})
+        return outputs
+
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[batch, width] ids -> [batch, width, dim] float32 token vectors, not yet normalised."""
+        import torch
+
+        hidden = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        vectors: torch.Tensor = hidden.float()
+        return self.linear(vectors) if self.linear is not None else vectors
+
+    def warmup(self) -> None:
+        self.forward([WorkItem(Sequence(ids=(self.pad_id, self.pad_id)), frozenset({Task.TOKEN_EMBED}))])
+
+
+def _skip_init() -> contextlib.AbstractContextManager[object]:
+    """Weights are overwritten by the strict load, so random initialisation is wasted time (seconds for
+    110M parameters). The helper is semi-private in transformers, hence the fallback."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()

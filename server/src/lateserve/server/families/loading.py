@@ -1,0 +1,120 @@
+"""Checkpoint I/O shared by families: safetensors headers and tensors, tokenizers, strict loading.
+
+torch, safetensors and transformers are imported inside the functions that need them: the server
+process reads headers and tokenizers, and only worker processes ever hold weights.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lateserve.server.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# A safetensors header is JSON of a few KB per tensor; anything bigger means a corrupt or foreign file.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_LISTED_KEYS = 20
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files holding a checkpoint: the sharded index's files, else every *.safetensors."""
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickled = " (pytorch_model.bin is not supported: convert it to safetensors)"
+        hint = pickled if (model_dir / "pytorch_model.bin").is_file() else ""
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weights{hint}")
+    return files
+
+
+def read_safetensors_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape over all weight files, from the headers alone (no tensor is read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(model_dir):
+        shapes.update(_header_shapes(file))
+    return shapes
+
+
+def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    # Parsed by hand rather than with safe_open so the server process needs neither numpy nor torch here.
+    try:
+        with file.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > _MAX_HEADER_BYTES:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelLoadError(f"{file} is not a readable safetensors file ({exc})") from exc
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, on the CPU, in its stored dtype."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(model_dir):
+        try:
+            state.update(load_file(str(file), device="cpu"))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+    return state
+
+
+def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The checkpoint's own tokenizer; remote code only when the user asked for it."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {model_dir}: {exc}") from exc
+    return tokenizer
+
+
+def load_state_dict_strict(
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    what: str,
+    names: Mapping[str, str] | None = None,
+) -> None:
+    """Copy `state` into `module`, failing unless every parameter and persistent buffer is matched.
+
+    A partially loaded model would silently serve random vectors, so any gap is fatal. `names` maps
+    a state key to the name the checkpoint file uses, so unexpected weights are reported as on disk.
+    """
+    try:
+        result = module.load_state_dict(dict(state), strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when strict=False
+        raise ModelLoadError(f"{what}: {exc}") from exc
+    missing = list(result.missing_keys)
+    unexpected = [(names or {}).get(key, key) for key in result.unexpected_keys]
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing weights: {describe_keys(missing)}")
+        if unexpected:
+            problems.append(f"unexpected weights: {describe_keys(unexpected)}")
+        raise ModelLoadError(f"{what} does not match the model; {'; '.join(problems)}")
+
+
+def describe_keys(keys: Iterable[str], limit: int = _LISTED_KEYS) -> str:
+    """'n: a, b, ... (and m more)', short enough for one log line even for a wholly wrong checkpoint."""
+    ordered = sorted(keys)
+    listed = ", ".join(ordered[:limit])
+    more = f" (and {len(ordered) - limit} more)" if len(ordered) > limit else ""
+    return f"{len(ordered)}: {listed}{more}"

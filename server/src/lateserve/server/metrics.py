@@ -1,0 +1,28 @@
+"""Server-side Prometheus metrics, all named lateserve_*, defined once in the default registry.
+
+The gateway's /metrics exposes the default registry next to its own HTTP metrics when both run
+in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+QUEUE_SIZE = Gauge("lateserve_queue_size", "Sequences waiting for a worker")
+DROPPED = Gauge("lateserve_queue_dropped", "Sequences dropped from the queue because their caller gave up")
+BATCH_TOKENS = Histogram(
+    "lateserve_batch_tokens", "Tokens per batch", buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
+)
+BATCH_SIZE = Histogram("lateserve_batch_size", "Sequences per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+REQUESTS = Counter("lateserve_grpc_requests_total", "gRPC requests by method and status code", ["method", "code"])
+REQUEST_DURATION = Histogram(
+    "lateserve_request_duration_seconds",
+    "Request time by stage",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+PROMPT_TOKENS = Counter("lateserve_prompt_tokens_total", "Prompt tokens encoded")
+FAILURES = Counter("lateserve_request_failures_total", "Failed requests by reason", ["reason"])
+WORKERS_READY = Gauge("lateserve_workers_ready", "Worker processes ready to serve")
+CACHE_HITS = Counter("lateserve_doc_cache_hits_total", "Document cache hits")
+CACHE_MISSES = Counter("lateserve_doc_cache_misses_total", "Document cache misses")

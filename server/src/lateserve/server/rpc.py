@@ -1,0 +1,97 @@
+"""The one mapping from server errors to gRPC statuses, and the wrapper every servicer method wears.
+
+A LateserveError becomes its status code with google.rpc details (ErrorInfo, BadRequest,
+RetryInfo); anything else becomes INTERNAL with the traceback logged, never a raw exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_status import rpc_status
+from lateserve.server import metrics
+from lateserve.server.errors import LateserveError
+from lateserve.wire.status import INTERNAL, ErrorDetails, pack_status
+
+log = logging.getLogger(__name__)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def to_rpc_status(exc: BaseException) -> grpc.Status:
+    """grpc.Status (with rich details) for any exception a handler let escape."""
+    if isinstance(exc, LateserveError):
+        details = ErrorDetails(
+            code=grpc.StatusCode[exc.code_name],
+            message=exc.message,
+            reason=exc.reason,
+            metadata=exc.metadata,
+            field=exc.field,
+            retry_after_s=exc.retry_after_s,
+        )
+    else:
+        details = ErrorDetails(code=grpc.StatusCode.INTERNAL, message="internal server error", reason=INTERNAL)
+    return rpc_status.to_status(pack_status(details))
+
+
+def _record(method: str, exc: BaseException | None, start: float) -> None:
+    code = "OK" if exc is None else (exc.code_name if isinstance(exc, LateserveError) else "INTERNAL")
+    metrics.REQUESTS.labels(method, code).inc()
+    metrics.REQUEST_DURATION.labels("total").observe(time.perf_counter() - start)
+    if isinstance(exc, LateserveError):
+        metrics.FAILURES.labels(exc.reason).inc()
+    elif exc is not None:
+        metrics.FAILURES.labels(INTERNAL).inc()
+        log.error("%s failed", method, exc_info=exc)
+
+
+def rpc_method(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
+    """Wrap a unary servicer method: metrics, logging, error mapping."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+        start = time.perf_counter()
+        try:
+            response = await fn(self, request, context)
+        except asyncio.CancelledError:
+            metrics.REQUESTS.labels(fn.__name__, "CANCELLED").inc()
+            raise
+        except Exception as exc:
+            _record(fn.__name__, exc, start)
+            await context.abort_with_status(to_rpc_status(exc))
+            raise  # abort_with_status raises; this keeps type checkers honest
+        _record(fn.__name__, None, start)
+        return response
+
+    return wrapper
+
+
+def rpc_stream(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]]:
+    """Wrap a server-streaming servicer method the same way."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Resp]:
+        start = time.perf_counter()
+        try:
+            async for message in fn(self, request, context):
+                yield message
+        except asyncio.CancelledError:
+            metrics.REQUESTS.labels(fn.__name__, "CANCELLED").inc()
+            raise
+        except Exception as exc:
+            _record(fn.__name__, exc, start)
+            await context.abort_with_status(to_rpc_status(exc))
+            return
+        _record(fn.__name__, None, start)
+
+    return wrapper

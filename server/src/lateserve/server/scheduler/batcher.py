@@ -1,0 +1,124 @@
+"""The asyncio side of scheduling: enqueue work, cut batches for idle workers, fan results out.
+
+One loop owns the queue. It wakes on new work, on finished batches and on pool changes, and
+hands each worker at most `max_inflight_per_worker` batches (one running, one prefetched).
+Work whose caller gave up (cancelled future) is dropped at cut time, before any forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from lateserve.server import metrics
+from lateserve.server.engine.types import ItemOutputs, WorkItem
+from lateserve.server.errors import LateserveError, WorkerUnavailable
+from lateserve.server.scheduler.queue import BatchQueue, Entry
+from lateserve.server.workers.messages import BatchResult
+from lateserve.server.workers.pool import WorkerPool
+from lateserve.server.workers.process import ProcessWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """A finished item: its outputs and where its time went."""
+
+    outputs: ItemOutputs
+    queue_ns: int
+    inference_ns: int
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """A queued item and the future its request awaits."""
+
+    item: WorkItem
+    future: asyncio.Future[ItemResult]
+
+
+class Batcher:
+    """Feeds the worker pool from one token-budget queue."""
+
+    def __init__(self, pool: WorkerPool, queue: BatchQueue[Ticket]) -> None:
+        self.pool = pool
+        self.queue = queue
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        pool.add_listener(lambda _ready: self._wake.set())
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="lateserve-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for entry in self.queue.cut_all():
+            if not entry.payload.future.done():
+                entry.payload.future.set_exception(WorkerUnavailable("the server is shutting down"))
+
+    @property
+    def busy(self) -> bool:
+        """Work is queued or running."""
+        return bool(len(self.queue) or self._running)
+
+    def submit(self, items: list[WorkItem]) -> list[asyncio.Future[ItemResult]]:
+        """Queue items; each future resolves with the item's outputs (cancel it to drop the item)."""
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter_ns()
+        futures: list[asyncio.Future[ItemResult]] = []
+        for item in items:
+            fut: asyncio.Future[ItemResult] = loop.create_future()
+            self.queue.push(Entry(Ticket(item, fut), item.sequence.num_tokens, now, fut.done))
+            futures.append(fut)
+        metrics.QUEUE_SIZE.set(len(self.queue))
+        self._wake.set()
+        return futures
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while len(self.queue):
+                worker = self.pool.acquire()
+                if worker is None:
+                    break
+                batch = self.queue.cut()
+                if not batch:
+                    break
+                task = asyncio.get_running_loop().create_task(self._run(worker, batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            metrics.QUEUE_SIZE.set(len(self.queue))
+            metrics.DROPPED.set(self.queue.dropped)
+
+    async def _run(self, worker: ProcessWorker, batch: list[Entry[Ticket]]) -> None:
+        start = time.perf_counter_ns()
+        metrics.BATCH_TOKENS.observe(sum(e.num_tokens for e in batch))
+        metrics.BATCH_SIZE.observe(len(batch))
+        try:
+            result: BatchResult = await worker.submit([e.payload.item for e in batch])
+        except LateserveError as exc:
+            self._fail(batch, exc)
+            return
+        except Exception as exc:
+            log.error("batch failed on worker %d: %s", worker.spec.worker_id, exc)
+            self._fail(batch, exc)
+            return
+        finally:
+            self._wake.set()
+        outputs = result.unpack_outputs()
+        for entry, out in zip(batch, outputs, strict=True):
+            fut = entry.payload.future
+            if not fut.done():
+                fut.set_result(ItemResult(out, start - entry.enqueued_ns, result.inference_ns))
+
+    @staticmethod
+    def _fail(batch: list[Entry[Ticket]], exc: BaseException) -> None:
+        for entry in batch:
+            if not entry.payload.future.done():
+                entry.payload.future.set_exception(exc)

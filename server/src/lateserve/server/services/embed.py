@@ -1,0 +1,65 @@
+"""EmbedService: one vector per input, for models with the embed task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from lateserve.server.engine.types import Item, Task, TextItem
+from lateserve.server.errors import InvalidArgument
+from lateserve.server.rpc import rpc_method
+from lateserve.server.services.convert import (
+    ServedModel,
+    items_from_proto,
+    messages_to_dicts,
+    options_from_proto,
+    request_id,
+    timings,
+    usage,
+)
+from lateserve.v1 import embed_service_pb2 as pb
+from lateserve.v1 import embed_service_pb2_grpc as pb_grpc
+from lateserve.wire.tensors import to_tensor
+
+
+class EmbedServicer(pb_grpc.EmbedServiceServicer):
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+
+    def _inputs(self, request: pb.EmbedRequest) -> list[Item]:
+        if request.messages:
+            return [TextItem(self.model.engine.processor.render_chat(messages_to_dicts(request.messages), False))]
+        if not request.inputs:
+            raise InvalidArgument("input must not be empty", field="input")
+        return items_from_proto(request.inputs, "input")
+
+    @rpc_method
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.EmbedResponse:
+        self.model.check(request.model)
+        engine = self.model.engine
+        engine.check_task(Task.EMBED)
+        if request.HasField("dimensions"):
+            dims = request.dimensions
+            if not engine.spec.extra.get("matryoshka") or not 0 < dims <= engine.spec.embed_dim:
+                raise InvalidArgument(
+                    f"Model does not support matryoshka representation, changing output dimensions ({dims}) "
+                    "will lead to poor results.",
+                    field="dimensions",
+                )
+        normalize = request.normalize if request.HasField("normalize") else True
+        result = await engine.encode(
+            self._inputs(request), frozenset({Task.EMBED}), options_from_proto(request.options), normalize=normalize
+        )
+        embeddings = []
+        for i, out in enumerate(result.outputs):
+            vector = out[Task.EMBED]
+            if request.HasField("dimensions"):
+                vector = vector[: request.dimensions]
+            embeddings.append(pb.Embedding(index=i, data=to_tensor(vector, request.dtype)))
+        return pb.EmbedResponse(
+            id=f"embd-{request_id(request.request_id)}",
+            model=self.model.name,
+            embeddings=embeddings,
+            usage=usage(result.prompt_tokens),
+            timings=timings(result.timings),
+        )

@@ -1,0 +1,105 @@
+"""PoolService: raw pooled outputs, unary or streamed one input at a time in bounded chunks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from lateserve.server.engine.engine import EncodeResult
+from lateserve.server.engine.types import Item, Task, TextItem
+from lateserve.server.errors import InvalidArgument
+from lateserve.server.rpc import rpc_method, rpc_stream
+from lateserve.server.services.convert import (
+    TASKS,
+    ServedModel,
+    items_from_proto,
+    messages_to_dicts,
+    options_from_proto,
+    request_id,
+    timings,
+    usage,
+)
+from lateserve.v1 import pool_service_pb2 as pb
+from lateserve.v1 import pool_service_pb2_grpc as pb_grpc
+from lateserve.wire.tensors import to_tensor
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+PoolLike = pb.PoolRequest | pb.StreamPoolRequest
+
+
+class PoolServicer(pb_grpc.PoolServiceServicer):
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+
+    def _inputs(self, request: PoolLike) -> list[Item]:
+        if request.inputs and request.messages:
+            raise InvalidArgument("set either inputs or messages, not both", field="messages")
+        if request.messages:
+            prompt = self.model.engine.processor.render_chat(messages_to_dicts(request.messages), False)
+            return [TextItem(prompt)]
+        if not request.inputs:
+            raise InvalidArgument("input must not be empty", field="input")
+        return items_from_proto(request.inputs, "input")
+
+    def _task(self, request: PoolLike) -> Task:
+        if request.task == 0:
+            return self.model.engine.spec.default_task
+        if request.task not in TASKS:
+            raise InvalidArgument(f"unknown task {request.task}", field="task")
+        return TASKS[request.task]
+
+    async def _run(self, request: PoolLike) -> tuple[Task, EncodeResult]:
+        self.model.check(request.model)
+        task = self._task(request)
+        options = options_from_proto(request.options)
+        if request.messages and not request.options.HasField("add_special_tokens"):
+            options = type(options)(  # chat prompts carry their own special tokens (vLLM default)
+                options.truncate_prompt_tokens, options.truncation_side, False, options.embedding_mode
+            )
+        normalize = request.normalize if request.HasField("normalize") else True
+        result = await self.model.engine.encode(
+            self._inputs(request), frozenset({task}), options, normalize=normalize, field="input"
+        )
+        return task, result
+
+    @rpc_method
+    async def Pool(self, request: pb.PoolRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.PoolResponse:
+        task, result = await self._run(request)
+        return pb.PoolResponse(
+            id=f"pooling-{request_id(request.request_id)}",
+            model=self.model.name,
+            outputs=[
+                pb.PoolOutput(index=i, data=to_tensor(out[task], request.dtype)) for i, out in enumerate(result.outputs)
+            ],
+            usage=usage(result.prompt_tokens),
+            timings=timings(result.timings),
+        )
+
+    @rpc_stream
+    async def StreamPool(
+        self, request: pb.StreamPoolRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.StreamPoolResponse]:
+        task, result = await self._run(request)
+        limit = request.max_chunk_bytes if request.HasField("max_chunk_bytes") and request.max_chunk_bytes > 0 else 0
+        limit = limit or DEFAULT_CHUNK_BYTES
+        last_index = len(result.outputs) - 1
+        for index, out in enumerate(result.outputs):
+            array = out[task]
+            rows = array.shape[0] if array.ndim > 1 else 1
+            row_bytes = max(1, array.nbytes // max(rows, 1))
+            step = max(1, limit // row_bytes) if array.ndim > 1 else 1
+            for offset in range(0, rows, step):
+                chunk = array[offset : offset + step] if array.ndim > 1 else array
+                last_chunk = offset + step >= rows
+                message = pb.StreamPoolResponse(
+                    index=index,
+                    data=to_tensor(chunk, request.dtype),
+                    row_offset=offset,
+                    total_rows=rows,
+                    last_chunk=last_chunk,
+                )
+                if last_chunk and index == last_index:
+                    message.usage.CopyFrom(usage(result.prompt_tokens))
+                    message.timings.CopyFrom(timings(result.timings))
+                yield message

@@ -1,0 +1,129 @@
+"""WorkerPool: starts the replicas, tracks readiness, replaces the ones that die.
+
+Readiness changes are reported through `on_change(ready_count)` so health and the batcher can
+react; a replacement is started after a short back-off that grows while replicas keep dying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from lateserve.server.errors import ModelLoadError
+from lateserve.server.workers.messages import WorkerSpec
+from lateserve.server.workers.process import ProcessWorker
+
+log = logging.getLogger(__name__)
+
+
+class WorkerPool:
+    """A fixed number of replica slots, each filled by a live ProcessWorker when possible."""
+
+    def __init__(
+        self,
+        specs: list[WorkerSpec],
+        *,
+        max_inflight_per_worker: int = 2,
+        load_timeout_s: float = 600.0,
+    ) -> None:
+        self._specs = specs
+        self._max_inflight = max_inflight_per_worker
+        self._load_timeout_s = load_timeout_s
+        self._workers: dict[int, ProcessWorker] = {}
+        self._ready: set[int] = set()
+        self._listeners: list[Callable[[int], None]] = []
+        self._restarts: dict[int, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    @property
+    def size(self) -> int:
+        return len(self._specs)
+
+    @property
+    def ready_count(self) -> int:
+        return len(self._ready)
+
+    def workers(self) -> list[ProcessWorker]:
+        """Live workers (tests use their pids)."""
+        return [w for w in self._workers.values() if w.alive]
+
+    def add_listener(self, listener: Callable[[int], None]) -> None:
+        """Called with the ready count whenever it changes (or capacity frees up)."""
+        self._listeners.append(listener)
+
+    def notify(self) -> None:
+        for listener in self._listeners:
+            listener(len(self._ready))
+
+    async def start(self) -> None:
+        """Start every replica and wait until all are ready; a load failure aborts startup."""
+        workers = [self._launch(spec) for spec in self._specs]
+        try:
+            await asyncio.gather(*(w.wait_ready(self._load_timeout_s) for w in workers))
+        except (RuntimeError, TimeoutError) as exc:
+            await self.stop()
+            raise ModelLoadError(f"model failed to load in a worker: {exc}") from exc
+        for w in workers:
+            self._ready.add(w.spec.worker_id)
+        self.notify()
+
+    def acquire(self) -> ProcessWorker | None:
+        """The ready worker with the fewest batches in flight, if one has room."""
+        best: ProcessWorker | None = None
+        for wid in self._ready:
+            w = self._workers[wid]
+            if w.alive and w.inflight < self._max_inflight and (best is None or w.inflight < best.inflight):
+                best = w
+        return best
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        workers = list(self._workers.values())
+        for w in workers:
+            w.stop()
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while any(w.alive for w in workers) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for w in workers:
+            w.kill()
+        self._ready.clear()
+
+    def _launch(self, spec: WorkerSpec) -> ProcessWorker:
+        worker = ProcessWorker(spec, self._on_exit)
+        self._workers[spec.worker_id] = worker
+        worker.start()
+        return worker
+
+    def _on_exit(self, worker: ProcessWorker) -> None:
+        wid = worker.spec.worker_id
+        self._ready.discard(wid)
+        self.notify()
+        if self._closing or worker.stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._replace(wid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _replace(self, wid: int) -> None:
+        attempt = self._restarts.get(wid, 0)
+        self._restarts[wid] = attempt + 1
+        await asyncio.sleep(min(0.2 * (2**attempt), 30.0))
+        if self._closing:
+            return
+        spec = next(s for s in self._specs if s.worker_id == wid)
+        log.info("starting replacement for worker %d", wid)
+        worker = self._launch(spec)
+        try:
+            await worker.wait_ready(self._load_timeout_s)
+        except (RuntimeError, TimeoutError) as exc:
+            log.error("replacement worker %d failed: %s", wid, exc)
+            worker.kill()
+            return  # its exit callback schedules the next attempt
+        self._restarts[wid] = 0
+        if worker.alive and not self._closing:
+            self._ready.add(wid)
+            self.notify()

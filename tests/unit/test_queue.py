@@ -1,0 +1,48 @@
+"""The pure token-budget batch builder: cut points, length grouping, cancellation, fairness."""
+
+from __future__ import annotations
+
+from lateserve.server.scheduler.queue import BatchQueue, Entry, batch_cost
+
+
+def make(lengths: list[int], cancelled: set[int] | None = None) -> BatchQueue[int]:
+    q: BatchQueue[int] = BatchQueue(max_batch_tokens=40, max_batch_seqs=3)
+    for i, n in enumerate(lengths):
+        q.push(Entry(i, n, 0, (lambda i=i: i in (cancelled or set()))))
+    return q
+
+
+def test_padded_cost_counts_the_longest_times_count() -> None:
+    assert batch_cost([10, 3], "padded") == 20
+    assert batch_cost([10, 3], "varlen") == 13
+    assert batch_cost([], "padded") == 0
+
+
+def test_batch_respects_token_budget_and_sequence_cap() -> None:
+    q = make([10, 10, 10, 10, 10])
+    first = q.cut()
+    assert [e.payload for e in first] == [0, 1, 2]  # capped at 3 sequences
+    assert [e.payload for e in q.cut()] == [3, 4]
+    assert q.cut() == [] and q.queued_tokens == 0
+
+
+def test_similar_lengths_are_grouped_with_the_oldest() -> None:
+    q = make([8, 30, 9, 31, 7])
+    batch = q.cut()
+    # The oldest (8) leads; 9 and 7 join it; 30/31 would blow the padded budget of 40.
+    assert sorted(e.payload for e in batch) == [0, 2, 4]
+    assert [e.num_tokens for e in batch] == [7, 8, 9]  # sorted by length for the worker
+    assert sorted(e.payload for e in q.cut()) == [1]
+    assert sorted(e.payload for e in q.cut()) == [3]
+
+
+def test_an_over_budget_entry_still_runs_alone() -> None:
+    q = make([100, 5])
+    assert [e.payload for e in q.cut()] == [0]
+    assert [e.payload for e in q.cut()] == [1]
+
+
+def test_cancelled_entries_are_dropped_and_counted() -> None:
+    q = make([5, 5, 5, 5], cancelled={0, 2})
+    assert [e.payload for e in q.cut()] == [1, 3]
+    assert q.dropped == 2 and len(q) == 0 and q.queued_tokens == 0
