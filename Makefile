@@ -7,7 +7,7 @@ PIP := $(BIN)/pip --disable-pip-version-check
 MODEL ?=
 ARGS ?=
 
-.PHONY: venv serve test lint typecheck buf proto unit clean
+.PHONY: venv serve test lint typecheck buf proto refs clean
 
 venv: $(STAMP)
 
@@ -33,11 +33,18 @@ buf:
 	cd tools/buf && npm ci --silent --no-audit --no-fund
 	tools/buf/node_modules/.bin/buf lint
 
+refs:
+	@for script in tools/oracles/*.sh; do \
+		[ -e "$$script" ] || continue; \
+		name=$$(basename $$script .sh); \
+		[ -e .refs/$$name/.ok ] || { echo "creating oracle venv .refs/$$name"; PY=$(PY) bash $$script .refs/$$name || exit 1; }; \
+	done
+
 proto: venv
 	$(BIN)/python proto/python/codegen.py
 
-test: venv lint typecheck buf
+test: venv lint typecheck buf refs
 	$(BIN)/pytest -q
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .refs

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_status import rpc_status
+
 from lateserve.client import (
     InvalidArgumentError,
     LateserveError,

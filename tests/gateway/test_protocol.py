@@ -55,7 +55,10 @@ def test_rerank_multimodal_items_parse_into_parts() -> None:
     [
         ({"documents": ["a"]}, "query"),
         ({"query": "q", "documents": ["a", 5]}, "documents[1]"),
-        ({"query": "q", "documents": [{"content": [{"type": "video_url", "video_url": {}}]}]}, "documents[0].content[0]"),
+        (
+            {"query": "q", "documents": [{"content": [{"type": "video_url", "video_url": {}}]}]},
+            "documents[0].content[0]",
+        ),
         ({"query": "q", "documents": ["a"], "top_n": "many"}, "top_n"),
         ({"query": "q", "documents": ["a"], "truncation_side": "middle"}, "truncation_side"),
         ({"query": "q", "documents": ["a"], "embedding_mode": "pylate"}, "embedding_mode"),
@@ -132,7 +135,12 @@ def test_pooling_defaults_match_vllm() -> None:
 
 def test_pooling_chat_form() -> None:
     body = PoolingRequest.model_validate(
-        {"messages": [{"role": "query", "content": "hi"}, {"role": "document", "content": [{"type": "text", "text": "x"}]}]}
+        {
+            "messages": [
+                {"role": "query", "content": "hi"},
+                {"role": "document", "content": [{"type": "text", "text": "x"}]},
+            ]
+        }
     )
     assert body.is_chat
     assert body.messages is not None

@@ -79,7 +79,9 @@ def test_score_one_to_n_and_n_to_n_match_reference(
     # The query is encoded once and counted once (vLLM 0.32: query + sum of documents).
     assert one_n.usage.prompt_tokens == reference.num_tokens(QUERY) + sum(reference.num_tokens(d) for d in DOCS)
     queries = ["what is python", "neural networks", QUERY]
-    n_n = stub.Score(score_service_pb2.ScoreRequest(queries=[text(q) for q in queries], documents=[text(d) for d in DOCS]))
+    n_n = stub.Score(
+        score_service_pb2.ScoreRequest(queries=[text(q) for q in queries], documents=[text(d) for d in DOCS])
+    )
     np.testing.assert_allclose(
         [r.score for r in n_n.results], [reference.maxsim(q, d) for q, d in zip(queries, DOCS, strict=True)], rtol=1e-5
     )
@@ -107,7 +109,9 @@ def test_stream_pool_chunks_reassemble_to_unary(colbert_channel: grpc.Channel) -
     texts = [" ".join(DOCS), QUERY]
     unary = pool.Pool(pool_service_pb2.PoolRequest(inputs=[text(t) for t in texts]))
     rows: dict[int, list[np.ndarray]] = {0: [], 1: []}
-    messages = list(pool.StreamPool(pool_service_pb2.StreamPoolRequest(inputs=[text(t) for t in texts], max_chunk_bytes=200)))
+    messages = list(
+        pool.StreamPool(pool_service_pb2.StreamPoolRequest(inputs=[text(t) for t in texts], max_chunk_bytes=200))
+    )
     for m in messages:
         assert m.row_offset == sum(len(r) for r in rows[m.index])
         rows[m.index].append(from_tensor(m.data))
@@ -175,12 +179,18 @@ def test_bad_input_gets_the_right_status(colbert_channel: grpc.Channel) -> None:
     rerank = rerank_service_pb2_grpc.RerankServiceStub(colbert_channel).Rerank
     S = score_service_pb2.ScoreRequest
     code, reason, field, msg = expect_error(score, S(queries=[text("a"), text("b")], documents=[text("c")]))
-    assert (code, reason, msg) == (grpc.StatusCode.INVALID_ARGUMENT, "PAIRING_MISMATCH", "Input lengths must be either 1:1, 1:N or N:N")
+    assert (code, reason, msg) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PAIRING_MISMATCH",
+        "Input lengths must be either 1:1, 1:N or N:N",
+    )
     code, reason, field, msg = expect_error(rerank, rerank_service_pb2.RerankRequest(query=text("q")))
     assert (code, msg) == (grpc.StatusCode.INVALID_ARGUMENT, "At least one text_pair element must be given")
     code, reason, field, msg = expect_error(score, S(model="nope", queries=[text("a")], documents=[text("b")]))
     assert (code, reason, msg) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "The model `nope` does not exist.")
-    code, reason, field, msg = expect_error(pool, pool_service_pb2.PoolRequest(inputs=[text("x")], task=c.POOLING_TASK_EMBED))
+    code, reason, field, msg = expect_error(
+        pool, pool_service_pb2.PoolRequest(inputs=[text("x")], task=c.POOLING_TASK_EMBED)
+    )
     assert (code, reason, field) == (grpc.StatusCode.INVALID_ARGUMENT, "UNSUPPORTED_TASK", "task")
     assert msg.startswith("Unsupported task: 'embed'")
     code, reason, field, msg = expect_error(embed, embed_service_pb2.EmbedRequest(inputs=[text("x")]))
@@ -195,7 +205,9 @@ def test_bad_input_gets_the_right_status(colbert_channel: grpc.Channel) -> None:
     assert "Please, select a smaller truncation size." in msg
     code, reason, field, msg = expect_error(pool, pool_service_pb2.PoolRequest(inputs=[c.Input()]))
     assert (code, field) == (grpc.StatusCode.INVALID_ARGUMENT, "input[0]")
-    image = c.Input(content=c.MultiModalContent(parts=[c.ContentPart(image_url=c.ImageUrl(url="data:image/png;base64,"))]))
+    image = c.Input(
+        content=c.MultiModalContent(parts=[c.ContentPart(image_url=c.ImageUrl(url="data:image/png;base64,"))])
+    )
     code, reason, field, msg = expect_error(pool, pool_service_pb2.PoolRequest(inputs=[image]))
     assert code == grpc.StatusCode.UNIMPLEMENTED
 
@@ -205,7 +217,10 @@ def test_truncation_keeps_the_requested_end(colbert_channel: grpc.Channel, refer
     long_text = "machine learning " * 50
     # As HF tokenizers truncate (and vLLM with them): text tokens go, [CLS] and [SEP] stay.
     cls, *body, sep = reference.tokenizer(long_text)["input_ids"]
-    for side, keep in ((c.TRUNCATION_SIDE_LEFT, [cls, *body[-62:], sep]), (c.TRUNCATION_SIDE_RIGHT, [cls, *body[:62], sep])):
+    for side, keep in (
+        (c.TRUNCATION_SIDE_LEFT, [cls, *body[-62:], sep]),
+        (c.TRUNCATION_SIDE_RIGHT, [cls, *body[:62], sep]),
+    ):
         opts = c.EncodeOptions(truncate_prompt_tokens=-1, truncation_side=side)
         got = pool(pool_service_pb2.PoolRequest(inputs=[text(long_text)], options=opts))
         want = pool(pool_service_pb2.PoolRequest(inputs=[c.Input(token_ids=c.TokenIds(ids=keep))]))

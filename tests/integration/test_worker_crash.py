@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+
 import grpc
 import pytest
 

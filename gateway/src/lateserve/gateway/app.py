@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from aiohttp import web
+
 from lateserve.gateway import health
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.embeddings.routes import routes as embeddings_routes
@@ -65,9 +66,11 @@ async def start_gateway(config: GatewayConfig, *, shutdown_timeout: float = 10.0
     call. Stop with `await runner.cleanup()`; with port 0, read the bound port from
     `runner.addresses`.
     """
-    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        create_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+    )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=shutdown_timeout)
+    site = web.TCPSite(runner, config.host, config.port)
     await site.start()
     logger.info("gateway listening on %s, forwarding to %s", runner.addresses, config.grpc_target)
     return runner

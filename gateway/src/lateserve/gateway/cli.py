@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from aiohttp import web
+
 from lateserve.gateway.app import create_app
 from lateserve.gateway.config import GatewayConfig
 

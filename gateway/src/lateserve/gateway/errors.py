@@ -15,6 +15,7 @@ import grpc
 import pydantic
 from aiohttp import web
 from google.rpc import status_pb2
+
 from lateserve.gateway.jsonutil import dumps
 from lateserve.wire import status as wire_status
 
@@ -41,6 +42,10 @@ _BY_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
 _BY_REASON: dict[tuple[grpc.StatusCode, str], tuple[int, str]] = {
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"): (413, "RequestEntityTooLargeError"),
 }
+
+# Reasons whose vLLM envelope has `"param": null` although the server names a field (vLLM's pairing
+# checks raise plain ValueErrors). Elsewhere `param` is the field of a 400, and null otherwise.
+_NO_PARAM_REASONS = frozenset({wire_status.EMPTY_INPUT, wire_status.PAIRING_MISMATCH})
 
 # HTTP status -> type, for errors raised by aiohttp itself (routing, body limit).
 _BY_HTTP_STATUS: dict[int, str] = {
@@ -112,7 +117,8 @@ def from_rpc_error(error: grpc.RpcError) -> ApiError:
     headers: dict[str, str] = {}
     if details.retry_after_s is not None and status in (429, 503):
         headers["Retry-After"] = str(max(0, math.ceil(details.retry_after_s)))
-    return ApiError(status=status, message=details.message, type=type_, param=details.field, headers=headers)
+    param = details.field if status == 400 and details.reason not in _NO_PARAM_REASONS else None
+    return ApiError(status=status, message=details.message, type=type_, param=param, headers=headers)
 
 
 _MISSING = object()
@@ -130,12 +136,12 @@ def field_path(loc: tuple[int | str, ...], data: object = _MISSING) -> str:
 def _json_path(loc: tuple[int | str, ...], data: object, *, missing: bool) -> tuple[int | str, ...]:
     path: list[int | str] = []
     node = data
-    for part in loc:
+    for position, part in enumerate(loc, start=1):
         if node is not _MISSING:
             child = _child(node, part)
             if child is not _MISSING:
                 node = child
-            elif not (missing and part == loc[-1]):
+            elif not (missing and position == len(loc)):
                 continue  # a union member's name, not a place in the JSON (a missing field is kept)
         path.append(part)
     return tuple(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2
+
 from lateserve.gateway.common import http
 from lateserve.gateway.keys import METRICS, STUBS
 from lateserve.v1 import info_service_pb2

@@ -8,6 +8,7 @@ from typing import Any, cast
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
+
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.metrics import GatewayMetrics
 from lateserve.v1 import (

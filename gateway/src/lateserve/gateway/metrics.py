@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -39,5 +39,7 @@ class GatewayMetrics:
         )
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its Content-Type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The exposition text and its Content-Type: this app's HTTP metrics, then the process-wide
+        default registry (the server's lateserve_* metrics when `lateserve serve` runs the gateway
+        in-process; process and GC collectors otherwise)."""
+        return generate_latest(self.registry) + generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -11,6 +11,7 @@ import uuid
 import grpc
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
 from lateserve.gateway import errors
 from lateserve.gateway.keys import METRICS, REQUEST_ID, REQUEST_ID_FROM_HEADER
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 from grpc_reflection.v1alpha import reflection
+
 from lateserve.server import metrics
 from lateserve.server.config import (
     DEFAULT_SERVED_NAME,
@@ -103,7 +104,13 @@ class Server:
         )
         queue: BatchQueue[Ticket] = BatchQueue(max(cfg.max_num_batched_tokens, spec.max_model_len), cfg.max_num_seqs)
         self._batcher = Batcher(self.pool, queue)
-        self.engine = Engine(spec, processor, self._batcher, max_queued_requests=cfg.max_queued_requests)
+        self.engine = Engine(
+            spec,
+            processor,
+            self._batcher,
+            max_queued_requests=cfg.max_queued_requests,
+            faithful_scoring=cfg.scoring_embedding_mode == "faithful",
+        )
         served = ServedModel(name, self.engine)
         limits = info_service_pb2.Limits(
             max_num_batched_tokens=queue.max_batch_tokens,

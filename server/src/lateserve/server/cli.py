@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queued-requests", type=int, default=1024)
     serve.add_argument("--max-body-mb", type=int, default=32)
     serve.add_argument("--shutdown-grace-seconds", type=float, default=10.0)
+    serve.add_argument(
+        "--scoring-embedding-mode",
+        choices=["raw", "faithful"],
+        default="raw",
+        help="raw: /score and /rerank encode text as vLLM does; faithful: queries as ColBERT queries and "
+        "documents as ColBERT documents (markers, [MASK] expansion, skiplist)",
+    )
     serve.add_argument("--log-level", default="INFO")
     gw = sub.add_parser("gateway", help="run only the HTTP gateway in front of a gRPC server")
     gw.add_argument("--grpc-target", default="127.0.0.1:50051")
@@ -86,6 +93,7 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         max_queued_requests=ns.max_queued_requests,
         max_body_bytes=ns.max_body_mb << 20,
         shutdown_grace_seconds=ns.shutdown_grace_seconds,
+        scoring_embedding_mode=ns.scoring_embedding_mode,
     )
 
 

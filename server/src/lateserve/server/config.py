@@ -35,6 +35,7 @@ class ServerConfig:
     max_body_bytes: int = 32 << 20
     shutdown_grace_seconds: float = 10.0
     load_timeout_seconds: float = 600.0
+    scoring_embedding_mode: str = "raw"
 
 
 def default_model_path() -> str:

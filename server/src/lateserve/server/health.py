@@ -4,6 +4,7 @@ serve while at least one worker is ready and only for tasks the model has."""
 from __future__ import annotations
 
 from grpc_health.v1 import health, health_pb2
+
 from lateserve.server.engine.types import ModelKind, Task
 from lateserve.server.families.base import ModelSpec
 

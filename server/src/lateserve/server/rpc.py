@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_status import rpc_status
+
 from lateserve.server import metrics
 from lateserve.server.errors import LateserveError
 from lateserve.wire.status import INTERNAL, ErrorDetails, pack_status

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import grpc
 from grpc_status import rpc_status
+
 from lateserve.wire import status as wire_status
 
 

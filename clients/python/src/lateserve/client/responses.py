@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+
 from lateserve.client.errors import ProtocolError
 from lateserve.client.types import (
     Document,

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
+
 from lateserve.client import requests, responses
 from lateserve.client.errors import from_rpc_error
 from lateserve.client.types import (

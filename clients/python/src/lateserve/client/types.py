@@ -12,6 +12,7 @@ from typing import Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
+
 from lateserve.v1.common_pb2 import Input
 
 # What callers may pass as one input: text, token ids, {"content": [parts]} (OpenAI-style parts),

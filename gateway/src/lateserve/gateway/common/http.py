@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pydantic
 from aiohttp import web
+
 from lateserve.gateway import errors
 from lateserve.gateway.jsonutil import dumps
 from lateserve.gateway.keys import METRICS, REQUEST_ID, REQUEST_ID_FROM_HEADER

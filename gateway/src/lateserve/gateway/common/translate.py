@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
+
 from lateserve.gateway.common.protocol import (
     ChatMessage,
     CompletionOrChatFields,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+
 from lateserve.gateway.common import http
 from lateserve.gateway.common.translate import timing_headers
 from lateserve.gateway.embeddings.protocol import EmbeddingRequest

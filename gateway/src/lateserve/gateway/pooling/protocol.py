@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from lateserve.gateway.common.protocol import CompletionOrChatFields, EncodingFields, Int32, PoolingBasicFields
 from pydantic import Field
+
+from lateserve.gateway.common.protocol import CompletionOrChatFields, EncodingFields, Int32, PoolingBasicFields
 
 
 class PoolingRequest(PoolingBasicFields, EncodingFields, CompletionOrChatFields):

@@ -3,8 +3,9 @@ and ignored (vLLM always returns documents)."""
 
 from __future__ import annotations
 
-from lateserve.gateway.common.protocol import Int32, PoolingBasicFields, ScoreInput, ScoreInputs
 from pydantic import Field
+
+from lateserve.gateway.common.protocol import Int32, PoolingBasicFields, ScoreInput, ScoreInputs
 
 
 class RerankRequest(PoolingBasicFields):

@@ -6,6 +6,7 @@ import functools
 import logging
 
 from aiohttp import web
+
 from lateserve.gateway.common import http
 from lateserve.gateway.common.translate import timing_headers
 from lateserve.gateway.keys import STUBS

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Self
 
-from lateserve.gateway.common.protocol import PoolingBasicFields, ScoreInputs
 from pydantic import Field, model_validator
+
+from lateserve.gateway.common.protocol import PoolingBasicFields, ScoreInputs
 
 # The spellings vLLM accepts, in the order its request union tries them.
 SPELLINGS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))

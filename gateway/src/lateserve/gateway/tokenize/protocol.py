@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Self
 
-from lateserve.gateway.common.protocol import ChatMessage, Int32, OpenAIBaseModel
 from pydantic import Field, model_validator
+
+from lateserve.gateway.common.protocol import ChatMessage, Int32, OpenAIBaseModel
 
 
 class TokenizeRequest(OpenAIBaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+
 from lateserve.gateway.common import http
 from lateserve.gateway.keys import STUBS
 from lateserve.gateway.tokenize.protocol import DetokenizeRequest, TokenizeRequest

@@ -53,9 +53,7 @@ def _pack(message: object) -> any_pb2.Any:
 
 def pack_status(details: ErrorDetails) -> status_pb2.Status:
     """A google.rpc.Status carrying ErrorInfo, and BadRequest/RetryInfo where they apply."""
-    parts = [
-        _pack(error_details_pb2.ErrorInfo(reason=details.reason, domain=DOMAIN, metadata=details.metadata))
-    ]
+    parts = [_pack(error_details_pb2.ErrorInfo(reason=details.reason, domain=DOMAIN, metadata=details.metadata))]
     if details.field is not None:
         violation = error_details_pb2.BadRequest.FieldViolation(field=details.field, description=details.message)
         parts.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))

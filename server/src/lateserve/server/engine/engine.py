@@ -43,6 +43,7 @@ class Engine:
         batcher: Batcher,
         *,
         max_queued_requests: int,
+        faithful_scoring: bool = False,
     ) -> None:
         self.spec = spec
         self.processor = processor
@@ -50,6 +51,9 @@ class Engine:
         self.max_queued_requests = max_queued_requests
         self.active_requests = 0
         self.accepting = True
+        # --scoring-embedding-mode faithful: /score and /rerank encode queries as queries and
+        # documents as documents (ColBERT markers, expansion) unless the request says otherwise.
+        self.faithful_scoring = faithful_scoring
 
     def check_task(self, task: Task) -> None:
         """vLLM's wording, so clients that match on it keep working."""
@@ -82,7 +86,12 @@ class Engine:
             options = replace(options, truncate_prompt_tokens=limit)
         sequences = []
         for index, item in enumerate(items):
-            seq = self.processor.encode(item, options, role)
+            try:
+                seq = self.processor.encode(item, options, role)
+            except InvalidArgument as exc:
+                if exc.field in (None, "input"):  # families do not know where the item sat
+                    exc.field = f"{field}[{index}]"
+                raise
             if seq.num_tokens > limit:
                 n = seq.num_tokens
                 raise InputTooLong(

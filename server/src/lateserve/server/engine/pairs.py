@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lateserve.server.engine.engine import EncodeResult, Engine
 from lateserve.server.engine.scoring import cosine, maxsim, pair_indices
-from lateserve.server.engine.types import Array, EncodeOptions, Item, ModelKind, Task, Timings
+from lateserve.server.engine.types import Array, EmbeddingMode, EncodeOptions, Item, ModelKind, Task, Timings
 from lateserve.server.errors import InvalidArgument, Unimplemented
 
 
@@ -38,9 +38,13 @@ async def _encode_sides(
 ) -> tuple[EncodeResult, EncodeResult]:
     """Both sides at once; if one side fails the other is cancelled (TaskGroup)."""
     tasks = frozenset({task})
+    q_options = d_options = options
+    if engine.faithful_scoring and options.embedding_mode == EmbeddingMode.RAW:
+        q_options = replace(options, embedding_mode=EmbeddingMode.QUERY)
+        d_options = replace(options, embedding_mode=EmbeddingMode.DOCUMENT)
     async with asyncio.TaskGroup() as group:
-        q = group.create_task(engine.encode(queries, tasks, options, role="query", field="queries"))
-        d = group.create_task(engine.encode(documents, tasks, options, role="document", field="documents"))
+        q = group.create_task(engine.encode(queries, tasks, q_options, role="query", field="queries"))
+        d = group.create_task(engine.encode(documents, tasks, d_options, role="document", field="documents"))
     return q.result(), d.result()
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from lateserve.server.engine.types import Array
 from lateserve.server.errors import InvalidArgument
 from lateserve.wire import status as reasons

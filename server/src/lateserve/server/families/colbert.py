@@ -7,7 +7,6 @@ torch and transformers are imported only inside the runner and the tokenizer loa
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
@@ -15,6 +14,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+
 from lateserve.server.engine.types import (
     EmbeddingMode,
     EncodeOptions,
@@ -211,7 +211,7 @@ class BertRunner(ModelRunner):
             raise ModelLoadError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
         config = BertConfig.from_dict(dict(source.config))
         config._attn_implementation = "sdpa"
-        with _skip_init():
+        with loading.skip_weight_init():
             backbone = BertModel(config, add_pooling_layer=False)
         backbone_state, projection, origin = split_checkpoint(loading.load_safetensors(source.path))
         # Old checkpoints carry buffers transformers now recomputes (embeddings.position_ids).
@@ -275,13 +275,3 @@ class BertRunner(ModelRunner):
 
     def warmup(self) -> None:
         self.forward([WorkItem(Sequence(ids=(self.pad_id, self.pad_id)), frozenset({Task.TOKEN_EMBED}))])
-
-
-def _skip_init() -> contextlib.AbstractContextManager[object]:
-    """Weights are overwritten by the strict load, so random initialisation is wasted time (seconds for
-    110M parameters). The helper is semi-private in transformers, hence the fallback."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        return contextlib.nullcontext()
-    return no_init_weights()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from lateserve.server.engine.types import Item, Task, TextItem
 from lateserve.server.errors import InvalidArgument
 from lateserve.server.rpc import rpc_method

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from lateserve.server import __version__
 from lateserve.server.engine.types import ModelKind, Task
 from lateserve.server.rpc import rpc_method

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from lateserve.server.engine.engine import EncodeResult
 from lateserve.server.engine.types import Item, Task, TextItem
 from lateserve.server.errors import InvalidArgument

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from lateserve.server.engine.pairs import score_pairs
 from lateserve.server.rpc import rpc_method
 from lateserve.server.services.convert import (

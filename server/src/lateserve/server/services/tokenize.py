@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from lateserve.server.rpc import rpc_method
 from lateserve.server.services.convert import ServedModel, messages_to_dicts
 from lateserve.v1 import tokenize_service_pb2 as pb

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from lateserve.server.engine.types import Array, ItemOutputs, Task, WorkItem
 
 

@@ -1,0 +1,1 @@
+"""Reference implementations (PyLate, FlagEmbedding, transformers) run in their own venvs."""
