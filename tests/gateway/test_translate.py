@@ -560,6 +560,7 @@ def lateserve_error(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 wire_status.PAIRING_MISMATCH,
                 "Input lengths must be either 1:1, 1:N or N:N",
+                field="documents",
             ),
             400,
             "BadRequestError",
@@ -568,7 +569,10 @@ def lateserve_error(
         ),
         (
             lateserve_error(
-                grpc.StatusCode.NOT_FOUND, wire_status.MODEL_NOT_FOUND, "The model `nope` does not exist.", field="model"
+                grpc.StatusCode.NOT_FOUND,
+                wire_status.MODEL_NOT_FOUND,
+                "The model `nope` does not exist.",
+                field="model",
             ),
             404,
             "NotFoundError",

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 # Status recorded when the client went away before the answer (nginx's convention).
 CLIENT_CLOSED = 499
+# Probes and scrapes are logged at DEBUG so they do not drown the per-request INFO lines.
+_QUIET_ROUTES = frozenset({"/health", "/ping", "/metrics"})
 
 
 def route_label(request: web.Request) -> str:
@@ -43,7 +45,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         api_error = errors.from_exception(exc)
         if isinstance(exc, grpc.RpcError):
             if api_error.status >= 500:
-                logger.warning("%s failed upstream: %s (request id %s)", request.path, exc, request[REQUEST_ID])
+                logger.warning(
+                    "%s failed upstream (%d): %s (request id %s)",
+                    request.path,
+                    api_error.status,
+                    api_error.message,
+                    request[REQUEST_ID],
+                )
         elif api_error.status >= 500:
             logger.exception("unhandled error in %s (request id %s)", request.path, request[REQUEST_ID])
         response = _error(request, api_error)
@@ -77,6 +85,12 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         elapsed = time.perf_counter() - start
         metrics.requests.labels(route, str(status)).inc()
         metrics.duration.labels(route).observe(elapsed)
-        logger.info(
-            "%s %s %d %.1fms request_id=%s", request.method, request.path, status, elapsed * 1e3, request[REQUEST_ID]
+        logger.log(
+            logging.DEBUG if route in _QUIET_ROUTES else logging.INFO,
+            "%s %s %d %.1fms request_id=%s",
+            request.method,
+            request.path,
+            status,
+            elapsed * 1e3,
+            request[REQUEST_ID],
         )

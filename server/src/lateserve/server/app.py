@@ -22,6 +22,7 @@ from lateserve.server.config import (
     worker_layout,
 )
 from lateserve.server.engine.engine import Engine
+from lateserve.server.engine.types import ModelKind
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.server.health import ALL_SERVICES, HealthState
 from lateserve.server.scheduler.batcher import Batcher, Ticket
@@ -109,6 +110,8 @@ class Server:
             processor,
             self._batcher,
             max_queued_requests=cfg.max_queued_requests,
+            max_queued_tokens=cfg.max_queued_tokens,
+            doc_cache_bytes=cfg.doc_cache_mb << 20 if spec.kind == ModelKind.LATE_INTERACTION else 0,
             faithful_scoring=cfg.scoring_embedding_mode == "faithful",
         )
         served = ServedModel(name, self.engine)

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=8192)
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--max-queued-requests", type=int, default=1024)
+    serve.add_argument("--max-queued-tokens", type=int, default=1 << 20, help="tokens admitted at once")
+    serve.add_argument("--doc-cache-mb", type=int, default=256, help="document embedding cache (0 disables)")
     serve.add_argument("--max-body-mb", type=int, default=32)
     serve.add_argument("--shutdown-grace-seconds", type=float, default=10.0)
     serve.add_argument(
@@ -91,6 +93,8 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         max_num_batched_tokens=ns.max_num_batched_tokens,
         max_num_seqs=ns.max_num_seqs,
         max_queued_requests=ns.max_queued_requests,
+        max_queued_tokens=ns.max_queued_tokens,
+        doc_cache_mb=ns.doc_cache_mb,
         max_body_bytes=ns.max_body_mb << 20,
         shutdown_grace_seconds=ns.shutdown_grace_seconds,
         scoring_embedding_mode=ns.scoring_embedding_mode,

@@ -31,6 +31,8 @@ class ServerConfig:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     max_queued_requests: int = 1024
+    max_queued_tokens: int = 1 << 20
+    doc_cache_mb: int = 256
     max_message_bytes: int = 64 << 20
     max_body_bytes: int = 32 << 20
     shutdown_grace_seconds: float = 10.0

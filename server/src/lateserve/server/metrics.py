@@ -26,3 +26,6 @@ FAILURES = Counter("lateserve_request_failures_total", "Failed requests by reaso
 WORKERS_READY = Gauge("lateserve_workers_ready", "Worker processes ready to serve")
 CACHE_HITS = Counter("lateserve_doc_cache_hits_total", "Document cache hits")
 CACHE_MISSES = Counter("lateserve_doc_cache_misses_total", "Document cache misses")
+CACHE_BYTES = Gauge("lateserve_doc_cache_bytes", "Bytes of document embeddings held in the cache")
+QUEUED_TOKENS = Gauge("lateserve_queued_tokens", "Tokens admitted and not yet finished")
+REJECTED = Counter("lateserve_rejected_total", "Requests refused by backpressure", ["bound"])

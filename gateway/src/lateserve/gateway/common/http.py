@@ -14,6 +14,7 @@ from aiohttp import web
 from lateserve.gateway import errors
 from lateserve.gateway.jsonutil import dumps
 from lateserve.gateway.keys import METRICS, REQUEST_ID, REQUEST_ID_FROM_HEADER
+from lateserve.gateway.middlewares import route_label
 from lateserve.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
@@ -65,9 +66,7 @@ def created() -> int:
 
 def count_tokens(request: web.Request, usage: common_pb2.Usage) -> None:
     """Adds the response's prompt tokens to the route's counter."""
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].prompt_tokens.labels(route).inc(usage.prompt_tokens)
+    request.app[METRICS].prompt_tokens.labels(route_label(request)).inc(usage.prompt_tokens)
 
 
 def json_response(data: Any, *, headers: Mapping[str, str] | None = None, status: int = 200) -> web.Response:

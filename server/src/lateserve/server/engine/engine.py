@@ -13,6 +13,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 
 from lateserve.server import metrics
+from lateserve.server.engine.cache import DocumentCache, cache_key
 from lateserve.server.engine.types import EncodeOptions, Item, ItemOutputs, Sequence, Task, Timings, WorkItem
 from lateserve.server.errors import InputTooLong, InvalidArgument, Overloaded, ShuttingDown, UnsupportedTask
 from lateserve.server.families.base import InputProcessor, ModelSpec, Role
@@ -43,13 +44,18 @@ class Engine:
         batcher: Batcher,
         *,
         max_queued_requests: int,
+        max_queued_tokens: int = 1 << 20,
+        doc_cache_bytes: int = 0,
         faithful_scoring: bool = False,
     ) -> None:
         self.spec = spec
         self.processor = processor
         self.batcher = batcher
         self.max_queued_requests = max_queued_requests
+        self.max_queued_tokens = max_queued_tokens
         self.active_requests = 0
+        self.queued_tokens = 0
+        self.cache = DocumentCache(doc_cache_bytes)
         self.accepting = True
         # --scoring-embedding-mode faithful: /score and /rerank encode queries as queries and
         # documents as documents (ColBERT markers, expansion) unless the request says otherwise.
@@ -59,7 +65,9 @@ class Engine:
         """vLLM's wording, so clients that match on it keep working."""
         if task not in self.spec.tasks:
             supported = [t.value for t in Task if t in self.spec.tasks]
-            raise UnsupportedTask(f"Unsupported task: {task.value!r} Supported tasks: {supported}", field="task")
+            raise UnsupportedTask(
+                f"Unsupported task: {task.value!r} Supported tasks: {supported} (parameter=task)", field="task"
+            )
 
     def check_options(self, options: EncodeOptions) -> None:
         k = options.truncate_prompt_tokens
@@ -104,6 +112,54 @@ class Engine:
             sequences.append(seq)
         return sequences
 
+    def _admit(self) -> None:
+        """Fail fast, before tokenizing, when the request bound is reached."""
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down", retry_after_s=1.0)
+        if self.active_requests >= self.max_queued_requests:
+            metrics.REJECTED.labels("requests").inc()
+            raise Overloaded(
+                f"too many requests in flight ({self.active_requests}); retry later",
+                retry_after_s=1.0,
+                metadata={"maxQueuedRequests": str(self.max_queued_requests)},
+            )
+
+    def _admit_tokens(self, tokens: int) -> None:
+        """The token bound keeps memory bounded under any mix of request sizes; a lone request
+        is always admitted so a big one cannot be refused forever."""
+        if self.queued_tokens and self.queued_tokens + tokens > self.max_queued_tokens:
+            metrics.REJECTED.labels("tokens").inc()
+            raise Overloaded(
+                f"too many tokens in flight ({self.queued_tokens} + {tokens}); retry later",
+                retry_after_s=1.0,
+                metadata={"maxQueuedTokens": str(self.max_queued_tokens)},
+            )
+
+    async def _run(self, work: list[WorkItem], use_cache: bool) -> tuple[list[ItemOutputs], Timings]:
+        """Cached items are answered at once; the rest go through the batcher."""
+        timings = Timings()
+        outputs: list[ItemOutputs | None] = [None] * len(work)
+        keys: list[bytes] = []
+        if use_cache:
+            keys = [cache_key(self.spec.architecture, w) for w in work]
+            outputs = [self.cache.get(k) for k in keys]
+        missing = [i for i, out in enumerate(outputs) if out is None]
+        if missing:
+            futures = self.batcher.submit([work[i] for i in missing])
+            try:
+                results = await asyncio.gather(*futures)
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+            for i, r in zip(missing, results, strict=True):
+                outputs[i] = r.outputs
+                timings.queue_ns = max(timings.queue_ns, r.queue_ns)
+                timings.inference_ns = max(timings.inference_ns, r.inference_ns)
+                if use_cache:
+                    self.cache.put(keys[i], r.outputs)
+        return [out for out in outputs if out is not None], timings
+
     async def encode(
         self,
         items: Seq[Item],
@@ -114,37 +170,31 @@ class Engine:
         normalize: bool = True,
         field: str = "input",
     ) -> EncodeResult:
-        """Encode items for the given tasks; raises the LateserveError a client should see."""
+        """Encode items for the given tasks; raises the LateserveError a client should see.
+
+        Documents of /score and /rerank (role "document") go through the document cache."""
         start = time.perf_counter_ns()
         for task in tasks:
             self.check_task(task)
         self.check_options(options)
-        if not self.accepting:
-            raise ShuttingDown("the server is shutting down", retry_after_s=1.0)
-        if self.active_requests >= self.max_queued_requests:
-            raise Overloaded(
-                f"too many requests in flight ({self.active_requests}); retry later",
-                retry_after_s=1.0,
-                metadata={"maxQueuedRequests": str(self.max_queued_requests)},
-            )
+        self._admit()
         self.active_requests += 1
+        admitted = 0
         try:
             sequences = self.tokenize(items, options, role, field)
-            tokenized = time.perf_counter_ns()
-            timings = Timings(tokenize_ns=tokenized - start)
+            tokens = sum(s.num_tokens for s in sequences)
+            self._admit_tokens(tokens)
+            self.queued_tokens += tokens
+            admitted = tokens
+            metrics.QUEUED_TOKENS.set(self.queued_tokens)
+            tokenize_ns = time.perf_counter_ns() - start
             work = [WorkItem(seq, tasks, normalize) for seq in sequences]
-            futures = self.batcher.submit(work)
-            try:
-                results = await asyncio.gather(*futures)
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                raise
-            for r in results:
-                timings.queue_ns = max(timings.queue_ns, r.queue_ns)
-                timings.inference_ns = max(timings.inference_ns, r.inference_ns)
+            outputs, timings = await self._run(work, role == "document" and self.cache.enabled)
+            timings.tokenize_ns = tokenize_ns
             timings.total_ns = time.perf_counter_ns() - start
             metrics.PROMPT_TOKENS.inc(sum(s.prompt_tokens for s in sequences))
-            return EncodeResult([r.outputs for r in results], sequences, timings)
+            return EncodeResult(outputs, sequences, timings)
         finally:
             self.active_requests -= 1
+            self.queued_tokens -= admitted
+            metrics.QUEUED_TOKENS.set(self.queued_tokens)
