@@ -47,7 +47,7 @@ def test_sync_client_round_trip(colbert_server: LiveServer, reference: BertColbe
 async def test_async_client_round_trip(colbert_server: LiveServer, reference: BertColbertReference) -> None:
     async with AsyncLateserveClient(colbert_server.grpc_target, timeout=30) as client:
         ranking = await client.rerank(QUERY, DOCS)
-        assert [r.document for r in ranking.results][0] in DOCS
+        assert ranking.results[0].document in DOCS
         assert ranking.usage.prompt_tokens == sum(reference.num_tokens(t) for t in [QUERY, *DOCS])
         pooled = await client.pool([QUERY])
         np.testing.assert_allclose(pooled.arrays[0], reference.token_embed(QUERY), atol=1e-5)
