@@ -21,6 +21,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "ColBERTModel": ("lateserve.server.families.colbert", "BertColBERT"),
     # Plain BERT encoders (the bundled all-MiniLM-L6-v2) serve their normalised token states.
     "BertModel": ("lateserve.server.families.colbert", "BertColBERT"),
+    "ColBERTJinaRobertaModel": ("lateserve.server.families.jina_colbert", "JinaColBERT"),
+    "BgeM3EmbeddingModel": ("lateserve.server.families.bge_m3", "BgeM3"),
 }
 
 
