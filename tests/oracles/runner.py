@@ -48,6 +48,3 @@ def run_oracle(name: str, script: str, request: dict[str, Any], workdir: Path) -
         raise AssertionError(f"oracle {script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     with np.load(out_file, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
-
-
-

@@ -36,7 +36,14 @@ class ScoreRequest(_message.Message):
     request_id: _builtins.str
     """Caller's request id, echoed in the response id; generated when empty."""
     score_mode: _builtins.str
-    """Score mode for models with several (BGE-M3: "dense", "sparse", "colbert"); empty: the default."""
+    """Score mode for models that list several (InfoService ModelInfo.score_modes); empty: the
+    model's default (BGE-M3: dense cosine, as vLLM). BGE-M3 modes, FlagEmbedding's scores:
+    "dense" (cosine of the embed vectors), "sparse" (lexical matching score: sum over shared token
+    ids of the product of their lexical weights), "colbert" (MaxSim of the colbert vectors divided
+    by the number of query vectors), "weighted:<dense>,<sparse>,<colbert>" (compute_score's
+    weighted mean (w1*dense + w2*sparse + w3*colbert) / (w1 + w2 + w3), e.g. "weighted:0.4,0.2,0.4";
+    plain "weighted" is 1,1,1). Another mode is INVALID_ARGUMENT with field score_mode.
+    """
     @_builtins.property
     def queries(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
         """Required, at least one. With one query it is paired with every document."""

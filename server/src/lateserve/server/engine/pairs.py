@@ -1,5 +1,12 @@
 """Scoring query/document pairs by the model's kind (vllm-spec 2.2): late interaction encodes
 each side once and takes MaxSim; a bi-encoder embeds each side and takes the cosine.
+
+Models that list score modes (BGE-M3) choose another procedure per request with `score_mode`:
+"dense" (cosine of the embed vectors, the bi-encoder default), "sparse" (FlagEmbedding's lexical
+matching score on the token_classify weights), "colbert" (FlagEmbedding's colbert score, MaxSim
+over the token_embed vectors divided by the number of query vectors) and "weighted" /
+"weighted:<dense>,<sparse>,<colbert>" (FlagEmbedding compute_score's weighted mean of the three).
+Each side is encoded once, every head the mode needs coming from the same forward pass.
 """
 
 from __future__ import annotations
@@ -10,7 +17,18 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 
 from lateserve.server.engine.engine import EncodeResult, Engine
-from lateserve.server.engine.scoring import cosine, maxsim, pair_indices
+from lateserve.server.engine.lexical import LexicalSpec, lexical_score, lexical_weights
+from lateserve.server.engine.scoring import (
+    DEFAULT_WEIGHTS,
+    WEIGHTED,
+    ScoreMode,
+    colbert_score,
+    cosine,
+    maxsim,
+    pair_indices,
+    parse_score_mode,
+    weighted_score,
+)
 from lateserve.server.engine.types import Array, EmbeddingMode, EncodeOptions, Item, ModelKind, Task, Timings
 from lateserve.server.errors import InvalidArgument, Unimplemented
 
@@ -24,20 +42,10 @@ class PairScores:
     timings: Timings
 
 
-def _check_mode(engine: Engine, score_mode: str) -> None:
-    if score_mode and score_mode not in engine.spec.score_modes:
-        modes = list(engine.spec.score_modes) or ["(only the default)"]
-        raise InvalidArgument(
-            f"score_mode {score_mode!r} is not supported by {engine.spec.architecture}; supported: {modes}",
-            field="score_mode",
-        )
-
-
 async def _encode_sides(
-    engine: Engine, queries: Seq[Item], documents: Seq[Item], task: Task, options: EncodeOptions
+    engine: Engine, queries: Seq[Item], documents: Seq[Item], tasks: frozenset[Task], options: EncodeOptions
 ) -> tuple[EncodeResult, EncodeResult]:
     """Both sides at once; if one side fails the other is cancelled (TaskGroup)."""
-    tasks = frozenset({task})
     q_options = d_options = options
     if engine.faithful_scoring and options.embedding_mode == EmbeddingMode.RAW:
         q_options = replace(options, embedding_mode=EmbeddingMode.QUERY)
@@ -48,25 +56,97 @@ async def _encode_sides(
     return q.result(), d.result()
 
 
+MODE_TASKS: dict[str, frozenset[Task]] = {
+    "dense": frozenset({Task.EMBED}),
+    "sparse": frozenset({Task.TOKEN_CLASSIFY}),
+    "colbert": frozenset({Task.TOKEN_EMBED}),
+    WEIGHTED: frozenset({Task.EMBED, Task.TOKEN_CLASSIFY, Task.TOKEN_EMBED}),
+}
+
+
+def _mode_tasks(engine: Engine, mode: ScoreMode) -> frozenset[Task]:
+    tasks = MODE_TASKS.get(mode.name)
+    if tasks is None:
+        raise Unimplemented(f"score_mode {mode.name!r} is listed by {engine.spec.architecture} but not implemented")
+    if Task.TOKEN_CLASSIFY in tasks and not isinstance(engine.spec.extra.get("lexical"), LexicalSpec):
+        raise InvalidArgument(
+            f"score_mode {mode.name!r} needs a sparse head, which {engine.spec.architecture} does not have",
+            field="score_mode",
+        )
+    return tasks
+
+
+class _ModeScorer:
+    """Per-pair scores of a score mode; lexical weights are computed once per encoded item."""
+
+    def __init__(self, engine: Engine, mode: ScoreMode, q_res: EncodeResult, d_res: EncodeResult) -> None:
+        self.mode = mode
+        self.q, self.d = q_res, d_res
+        self.q_lex: list[dict[int, float]] = []
+        self.d_lex: list[dict[int, float]] = []
+        lexical = engine.spec.extra.get("lexical")
+        if isinstance(lexical, LexicalSpec) and Task.TOKEN_CLASSIFY in MODE_TASKS[mode.name]:
+            self.q_lex = _lexical(q_res, lexical)
+            self.d_lex = _lexical(d_res, lexical)
+        self._score: Callable[[int, int], float] = {
+            "dense": self.dense,
+            "sparse": self.sparse,
+            "colbert": self.colbert,
+            WEIGHTED: self.weighted,
+        }[mode.name]
+
+    def dense(self, i: int, j: int) -> float:
+        return cosine(self.q.outputs[i][Task.EMBED], self.d.outputs[j][Task.EMBED])
+
+    def sparse(self, i: int, j: int) -> float:
+        return lexical_score(self.q_lex[i], self.d_lex[j])
+
+    def colbert(self, i: int, j: int) -> float:
+        return colbert_score(self.q.outputs[i][Task.TOKEN_EMBED], self.d.outputs[j][Task.TOKEN_EMBED])
+
+    def weighted(self, i: int, j: int) -> float:
+        weights = self.mode.weights or DEFAULT_WEIGHTS
+        return weighted_score(self.dense(i, j), self.sparse(i, j), self.colbert(i, j), weights)
+
+    def __call__(self, i: int, j: int) -> float:
+        return self._score(i, j)
+
+
+def _lexical(result: EncodeResult, spec: LexicalSpec) -> list[dict[int, float]]:
+    return [
+        dict(lexical_weights(seq.ids, out[Task.TOKEN_CLASSIFY], spec))
+        for seq, out in zip(result.sequences, result.outputs, strict=True)
+    ]
+
+
 async def score_pairs(
     engine: Engine, queries: Seq[Item], documents: Seq[Item], options: EncodeOptions, score_mode: str = ""
 ) -> PairScores:
     """Pair (1:1, 1:N, N:N) and score; a shared query is encoded once and counted once in usage."""
     pairs = pair_indices(len(queries), len(documents))
-    _check_mode(engine, score_mode)
+    mode = parse_score_mode(score_mode, engine.spec.score_modes, engine.spec.architecture)
     kind = engine.spec.kind
-    measure: Callable[[Array, Array], float]
-    if kind == ModelKind.LATE_INTERACTION:
+    measure: Callable[[Array, Array], float] | None = None
+    if mode is not None:
+        tasks = _mode_tasks(engine, mode)
+    elif kind == ModelKind.LATE_INTERACTION:
         task, measure = Task.TOKEN_EMBED, maxsim
+        tasks = frozenset({task})
     elif kind == ModelKind.BI_ENCODER:
         task, measure = Task.EMBED, cosine
+        tasks = frozenset({task})
     else:
         raise Unimplemented(f"scoring with a {kind.value} model is not implemented yet")
     try:
-        q_res, d_res = await _encode_sides(engine, queries, documents, task, options)
+        q_res, d_res = await _encode_sides(engine, queries, documents, tasks, options)
     except ExceptionGroup as group:
         raise group.exceptions[0] from None
-    scores = [measure(q_res.outputs[i][task], d_res.outputs[j][task]) for i, j in pairs]
+    if measure is not None:
+        scores = [measure(q_res.outputs[i][task], d_res.outputs[j][task]) for i, j in pairs]
+    else:
+        assert mode is not None
+        scorer = _ModeScorer(engine, mode, q_res, d_res)
+        scores = [scorer(i, j) for i, j in pairs]
     timings = Timings(tokenize_ns=q_res.timings.tokenize_ns + d_res.timings.tokenize_ns)
     timings.merge_max(q_res.timings)
     timings.merge_max(d_res.timings)

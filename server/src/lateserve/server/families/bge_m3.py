@@ -234,7 +234,8 @@ class BgeM3Runner(ModelRunner):
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, token_type_ids=torch.zeros_like(ids)
         )
-        return out.last_hidden_state.float()  # type: ignore[no-any-return]
+        hidden: torch.Tensor = out.last_hidden_state.float()
+        return hidden
 
     def _outputs(
         self,

@@ -31,6 +31,7 @@ from lateserve.server.engine.types import (
 from lateserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented, UnsupportedTask
 from lateserve.server.families import loading
 from lateserve.server.families.base import Family, InputProcessor, ModelRunner, ModelSource, ModelSpec, Role
+from lateserve.server.families.colbert_encoding import ColbertEncoder
 from lateserve.wire import status as reasons
 
 if TYPE_CHECKING:
@@ -118,8 +119,14 @@ class BertColBERT(Family):
     def processor(self) -> BertProcessor:
         tokenizer = loading.load_tokenizer(self.source.path, trust_remote_code=self.source.trust_remote_code)
         vocab_size = int(self.source.config.get("vocab_size") or len(tokenizer))
+        # Faithful query/document modes need a ColBERT checkpoint; plain BERT serves raw only.
+        colbert = ColbertEncoder.from_checkpoint(self.source, tokenizer) if self.projected else None
         return BertProcessor(
-            tokenizer, architecture=self.architecture, vocab_size=vocab_size, max_model_len=self._max_model_len
+            tokenizer,
+            architecture=self.architecture,
+            vocab_size=vocab_size,
+            max_model_len=self._max_model_len,
+            colbert=colbert,
         )
 
     def runner(self, device: str, dtype: str) -> BertRunner:
@@ -128,15 +135,27 @@ class BertColBERT(Family):
 
 
 class BertProcessor(InputProcessor):
-    """Tokenizer side. Faithful ColBERT modes (markers, [MASK] expansion, skiplist via `keep`) plug into `encode`."""
+    """Tokenizer side of any text ColBERT: raw mode as vLLM, faithful query/document modes through
+    `colbert_encoding` (markers, expansion with its attention mask, skiplist via `keep`).
+
+    Nothing here is BERT-specific; the Sentence-Transformers ColBERT families use it too.
+    """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, *, architecture: str, vocab_size: int, max_model_len: int
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        architecture: str,
+        vocab_size: int,
+        max_model_len: int,
+        colbert: ColbertEncoder | None = None,
     ) -> None:
+        """`colbert` None: only raw mode (a model that is not a ColBERT checkpoint)."""
         self._tokenizer = tokenizer
         self._architecture = architecture
         self._vocab_size = vocab_size
         self._max_model_len = max_model_len
+        self._colbert = colbert
 
     def encode(self, item: Item, options: EncodeOptions, role: Role) -> Sequence:
         if isinstance(item, MultiModalItem):
@@ -144,11 +163,13 @@ class BertProcessor(InputProcessor):
                 f"multimodal input is not supported by {self._architecture}", reason=reasons.UNSUPPORTED_INPUT
             )
         if options.embedding_mode is not EmbeddingMode.RAW:
-            raise InvalidArgument(
-                f"embedding_mode {options.embedding_mode.value!r} is not supported by {self._architecture} yet; "
-                "use 'raw'",
-                field="embedding_mode",
-            )
+            if self._colbert is None:
+                raise InvalidArgument(
+                    f"embedding_mode {options.embedding_mode.value!r} needs a ColBERT checkpoint; "
+                    f"{self._architecture} serves 'raw' only",
+                    field="embedding_mode",
+                )
+            return self._colbert.encode(item, options, max_length=self._max_model_len)
         limit = options.truncate_prompt_tokens
         if limit == -1:
             limit = self._max_model_len

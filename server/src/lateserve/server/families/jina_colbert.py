@@ -3,7 +3,9 @@
 Served as vLLM serves it (vllm-spec 1.2) after `--hf-overrides '{"architectures":
 ["ColBERTJinaRobertaModel"]}'`: text tokenized with the tokenizer's own special tokens
 (`<s> ... </s>`), every token's vector returned, last_hidden_state -> `linear` (no bias) -> L2 norm
-in float32.
+in float32. The faithful query/document modes (`colbert_encoding`, PyLate's procedure) use the
+markers and lengths of artifact.metadata, defaulting to Jina's `[QueryMarker]` / `[DocumentMarker]`
+and to attended query expansion tokens (see `faithful_encoder`).
 
 The backbone is transformers' native `JinaEmbeddingsV3Model` (XLM-R with rotary position
 embeddings, post-LayerNorm blocks), so Jina's remote code is never needed: `--trust-remote-code` is
@@ -27,6 +29,7 @@ import math
 import re
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,9 +40,11 @@ from lateserve.server.errors import ModelLoadError, UnsupportedTask
 from lateserve.server.families import loading
 from lateserve.server.families.base import Family, ModelRunner, ModelSource, ModelSpec
 from lateserve.server.families.colbert import BertProcessor
+from lateserve.server.families.colbert_encoding import STANFORD_METADATA, ColbertEncoder
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 
@@ -51,6 +56,9 @@ _DIM_KEYS = ("colbert_dim", "dim", "projection_dim")
 DEFAULT_ROTARY_BASE = 10000.0
 """XLMRobertaFlashConfig's default, for a config.json without rotary_emb_base."""
 _SANE_TOKENIZER_LIMIT = 1_000_000
+QUERY_MARKER = "[QueryMarker]"
+DOCUMENT_MARKER = "[DocumentMarker]"
+"""Jina's markers, used by the faithful modes unless artifact.metadata names others."""
 _BACKBONE = "roberta"  # the backbone's module name inside the runner, and the prefix files use
 
 RENAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -218,11 +226,28 @@ class JinaColBERT(Family):
         tokenizer = loading.load_tokenizer(self.source.path, trust_remote_code=False)
         vocab_size = int(self.source.config.get("vocab_size") or len(tokenizer))
         return BertProcessor(
-            tokenizer, architecture=ARCHITECTURE, vocab_size=vocab_size, max_model_len=self._max_model_len
+            tokenizer,
+            architecture=ARCHITECTURE,
+            vocab_size=vocab_size,
+            max_model_len=self._max_model_len,
+            colbert=faithful_encoder(self.source, tokenizer),
         )
 
     def runner(self, device: str, dtype: str) -> JinaRunner:
         return JinaRunner(self.source, dim=self._token_dim, device=device, dtype=dtype)
+
+
+def faithful_encoder(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> ColbertEncoder:
+    """PyLate's query/document encoding with Jina's defaults: `[QueryMarker]` / `[DocumentMarker]`, and
+    expansion tokens attended (the model card's `attend_to_expansion_tokens=True`) unless
+    artifact.metadata says otherwise through attend_to_mask_tokens."""
+    encoder = ColbertEncoder.from_checkpoint(
+        source, tokenizer, default_query_prefix=QUERY_MARKER, default_document_prefix=DOCUMENT_MARKER
+    )
+    metadata = source.read_json(STANFORD_METADATA) if encoder.config.source == STANFORD_METADATA else None
+    if metadata is not None and "attend_to_mask_tokens" not in metadata and encoder.config.do_query_expansion:
+        encoder = ColbertEncoder(tokenizer, replace(encoder.config, attend_to_expansion_tokens=True))
+    return encoder
 
 
 def _lora_hint(names: Seq[str]) -> str:

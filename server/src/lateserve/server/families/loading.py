@@ -47,6 +47,11 @@ def read_safetensors_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def read_safetensors_file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of one safetensors file (e.g. a Sentence-Transformers module's), header only."""
+    return _header_shapes(file)
+
+
 def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     # Parsed by hand rather than with safe_open so the server process needs neither numpy nor torch here.
     try:

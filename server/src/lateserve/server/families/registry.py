@@ -21,6 +21,10 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "ColBERTModel": ("lateserve.server.families.colbert", "BertColBERT"),
     # Plain BERT encoders (the bundled all-MiniLM-L6-v2) serve their normalised token states.
     "BertModel": ("lateserve.server.families.colbert", "BertColBERT"),
+    # Sentence-Transformers/PyLate layouts; config.json says ModernBertModel / Lfm2Model, so these are
+    # chosen with --hf-overrides '{"architectures": [...]}' exactly as vLLM documents.
+    "ColBERTModernBertModel": ("lateserve.server.families.st_colbert", "StColBERT"),
+    "ColBERTLfm2Model": ("lateserve.server.families.st_colbert", "StColBERT"),
     "ColBERTJinaRobertaModel": ("lateserve.server.families.jina_colbert", "JinaColBERT"),
     "BgeM3EmbeddingModel": ("lateserve.server.families.bge_m3", "BgeM3"),
 }
@@ -86,7 +90,10 @@ def family_for(source: ModelSource) -> Family:
             module, cls = table[arch]
             family_cls: type[Family] = getattr(importlib.import_module(module), cls)
             return family_cls(source)
+    suggestion = "..."
+    if (source.path / "colbert_linear.pt").is_file() and (source.path / "sparse_linear.pt").is_file():
+        suggestion = "BgeM3EmbeddingModel"  # BAAI/bge-m3 declares XLMRobertaModel (vllm-spec 1.6)
     raise ModelLoadError(
         f"unsupported architecture {declared or '(none declared)'}; known: {', '.join(sorted(table))}. "
-        'Set it with --hf-overrides \'{"architectures": ["..."]}\''
+        f'Set it with --hf-overrides \'{{"architectures": ["{suggestion}"]}}\''
     )

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from lateserve.server.engine.engine import EncodeResult
+from lateserve.server.engine.lexical import LexicalSpec, lexical_weights
 from lateserve.server.engine.types import Item, Task, TextItem
 from lateserve.server.errors import InvalidArgument
 from lateserve.server.rpc import rpc_method, rpc_stream
@@ -59,10 +60,36 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
                 options.truncate_prompt_tokens, options.truncation_side, False, options.embedding_mode
             )
         normalize = request.normalize if request.HasField("normalize") else True
+        if request.return_lexical_weights:
+            self._lexical_spec(task)  # fail before encoding
         result = await self.model.engine.encode(
             self._inputs(request), frozenset({task}), options, normalize=normalize, field="input"
         )
         return task, result
+
+    def _lexical_spec(self, task: Task) -> LexicalSpec:
+        """return_lexical_weights needs token_classify on a model with a sparse head."""
+        engine = self.model.engine
+        engine.check_task(task)  # token_classify unsupported: UNSUPPORTED_TASK, as without the flag
+        spec = engine.spec.extra.get("lexical")
+        if task is not Task.TOKEN_CLASSIFY or not isinstance(spec, LexicalSpec):
+            why = f"not {task.value}" if task is not Task.TOKEN_CLASSIFY else f"{engine.spec.architecture} has none"
+            raise InvalidArgument(
+                f"return_lexical_weights needs task token_classify on a model with a sparse head ({why})",
+                field="return_lexical_weights",
+            )
+        return spec
+
+    def _lexical(self, request: PoolLike, task: Task, result: EncodeResult, index: int) -> list[pb.LexicalWeight]:
+        """FlagEmbedding-style lexical weights of one input, when asked for."""
+        if not request.return_lexical_weights:
+            return []
+        weights = lexical_weights(result.sequences[index].ids, result.outputs[index][task], self._lexical_spec(task))
+        tokens = self.model.engine.processor.token_strings([token_id for token_id, _ in weights])
+        return [
+            pb.LexicalWeight(token_id=token_id, token=token, weight=weight)
+            for (token_id, weight), token in zip(weights, tokens, strict=True)
+        ]
 
     @rpc_method
     async def Pool(self, request: pb.PoolRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.PoolResponse:
@@ -71,7 +98,12 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
             id=f"pooling-{request_id(request.request_id)}",
             model=self.model.name,
             outputs=[
-                pb.PoolOutput(index=i, data=to_tensor(out[task], request.dtype)) for i, out in enumerate(result.outputs)
+                pb.PoolOutput(
+                    index=i,
+                    data=to_tensor(out[task], request.dtype),
+                    lexical_weights=self._lexical(request, task, result, i),
+                )
+                for i, out in enumerate(result.outputs)
             ],
             usage=usage(result.prompt_tokens),
             timings=timings(result.timings),
@@ -100,6 +132,8 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
                     total_rows=rows,
                     last_chunk=last_chunk,
                 )
+                if last_chunk:
+                    message.lexical_weights.extend(self._lexical(request, task, result, index))
                 if last_chunk and index == last_index:
                     message.usage.CopyFrom(usage(result.prompt_tokens))
                     message.timings.CopyFrom(timings(result.timings))
