@@ -19,6 +19,7 @@ pip=("$dest/bin/python" -m pip --disable-pip-version-check install -q -c "$const
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" FlagEmbedding==1.4.2 "transformers<5" "datasets==4.0.0" "sentence-transformers<5.2" \
 	safetensors tokenizers numpy
-# Smoke test: the import that fails with transformers 5.
-"$dest/bin/python" -c "from FlagEmbedding import BGEM3FlagModel"
+# Smoke test: the import that fails with transformers 5, and the CPU torch the pin asked for.
+HF_HUB_OFFLINE=1 "$dest/bin/python" -c \
+	"from FlagEmbedding import BGEM3FlagModel; import torch; assert torch.__version__.startswith('2.13.0')"
 touch "$dest/.ok"

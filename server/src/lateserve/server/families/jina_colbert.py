@@ -297,7 +297,11 @@ class JinaRunner(ModelRunner):
         self.dtype = getattr(torch, dtype)
         self.pad_id = int(config.pad_token_id if config.pad_token_id is not None else 1)
         model.to(self.device).eval()
-        backbone.to(self.dtype)  # the head stays float32, as vLLM's head_dtype
+        # The head stays float32, as vLLM's head_dtype; so do the rotary frequencies (a bfloat16
+        # inv_freq is off by ~0.2%, which turns positions in the thousands by whole radians).
+        for child in backbone.children():
+            if child is not backbone.rotary_emb:
+                child.to(self.dtype)
         self.backbone = backbone
         self.linear = model["linear"]
         self.dim = dim
