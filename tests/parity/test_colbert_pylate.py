@@ -188,6 +188,16 @@ def test_faithful_scores_match_pylate(channel: grpc.Channel, oracle: dict[str, n
     np.testing.assert_allclose([r.score for r in n_n.results], np.diag(matrix), rtol=REL)
     ids = [len(oracle[f"{name}/query_ids/0"])] + [len(oracle[f"{name}/document_ids/{j}"]) for j in range(4)]
     assert one_n.usage.prompt_tokens == sum(ids)
+    # An explicit raw mode opts out of the server's faithful default: vLLM's numbers again.
+    raw_options = c.EncodeOptions(embedding_mode=c.EMBEDDING_MODE_RAW)
+    raw = stub.Score(
+        score_service_pb2.ScoreRequest(queries=[text(QUERIES[0])], documents=map(text, DOCUMENTS), options=raw_options)
+    )
+    raw_q = pool(channel, [QUERIES[0]], c.EMBEDDING_MODE_RAW).outputs[0]
+    raw_d = pool(channel, DOCUMENTS, c.EMBEDDING_MODE_RAW).outputs
+    want_raw = [float((from_tensor(raw_q.data) @ from_tensor(d.data).T).max(1).sum()) for d in raw_d]
+    np.testing.assert_allclose([r.score for r in raw.results], want_raw, rtol=1e-5)
+    assert not np.allclose(want_raw, matrix[0], rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["hf_colbert"], indirect=True)

@@ -14,7 +14,16 @@ from dataclasses import dataclass, replace
 
 from lateserve.server import metrics
 from lateserve.server.engine.cache import DocumentCache, cache_key
-from lateserve.server.engine.types import EncodeOptions, Item, ItemOutputs, Sequence, Task, Timings, WorkItem
+from lateserve.server.engine.types import (
+    EmbeddingMode,
+    EncodeOptions,
+    Item,
+    ItemOutputs,
+    Sequence,
+    Task,
+    Timings,
+    WorkItem,
+)
 from lateserve.server.errors import InputTooLong, InvalidArgument, Overloaded, ShuttingDown, UnsupportedTask
 from lateserve.server.families.base import InputProcessor, ModelSpec, Role
 from lateserve.server.scheduler.batcher import Batcher
@@ -92,6 +101,8 @@ class Engine:
         limit = self.spec.max_model_len
         if options.truncate_prompt_tokens == -1:
             options = replace(options, truncate_prompt_tokens=limit)
+        if options.embedding_mode == EmbeddingMode.AUTO:
+            options = replace(options, embedding_mode=EmbeddingMode.RAW)
         sequences = []
         for index, item in enumerate(items):
             try:

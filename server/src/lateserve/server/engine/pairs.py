@@ -47,7 +47,7 @@ async def _encode_sides(
 ) -> tuple[EncodeResult, EncodeResult]:
     """Both sides at once; if one side fails the other is cancelled (TaskGroup)."""
     q_options = d_options = options
-    if engine.faithful_scoring and options.embedding_mode == EmbeddingMode.RAW:
+    if engine.faithful_scoring and options.embedding_mode == EmbeddingMode.AUTO:
         q_options = replace(options, embedding_mode=EmbeddingMode.QUERY)
         d_options = replace(options, embedding_mode=EmbeddingMode.DOCUMENT)
     async with asyncio.TaskGroup() as group:

@@ -27,8 +27,13 @@ class ModelKind(StrEnum):
 
 
 class EmbeddingMode(StrEnum):
-    """Late-interaction input encoding: vLLM's raw text, or faithful ColBERT query/document."""
+    """Late-interaction input encoding: vLLM's raw text, or faithful ColBERT query/document.
 
+    AUTO is the server's choice: raw, except that /score and /rerank on a server started with
+    --scoring-embedding-mode faithful encode queries as QUERY and documents as DOCUMENT. The
+    engine resolves it, so families never see AUTO."""
+
+    AUTO = "auto"
     RAW = "raw"
     QUERY = "query"
     DOCUMENT = "document"
@@ -89,7 +94,7 @@ class EncodeOptions:
     truncate_prompt_tokens: int | None = None
     truncation_side: TruncationSide = TruncationSide.LEFT
     add_special_tokens: bool = True
-    embedding_mode: EmbeddingMode = EmbeddingMode.RAW
+    embedding_mode: EmbeddingMode = EmbeddingMode.AUTO
 
 
 @dataclass(frozen=True, slots=True)

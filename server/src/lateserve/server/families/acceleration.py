@@ -97,9 +97,7 @@ class _Layer:
     def __init__(self, layer: Any, compute: torch.dtype, gelu: str) -> None:
         attn = layer.attention.self
         q, k, v = attn.query, attn.key, attn.value
-        self.qkv = PackedLinear(
-            torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]), compute
-        )
+        self.qkv = PackedLinear(torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]), compute)
         out = layer.attention.output
         self.attn_out = PackedLinear(out.dense.weight, out.dense.bias, compute)
         self.ln1 = (out.LayerNorm.weight.detach().float(), out.LayerNorm.bias.detach().float(), out.LayerNorm.eps)
@@ -168,9 +166,7 @@ class FastBertModel(nn.Module):
         flat = valid.reshape(-1).nonzero().squeeze(1)  # row-major positions of computed tokens
         ids = input_ids.reshape(-1).index_select(0, flat)
         pos = positions.repeat(batch).index_select(0, flat)
-        types = (
-            torch.zeros_like(ids) if token_type_ids is None else token_type_ids.reshape(-1).index_select(0, flat)
-        )
+        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids.reshape(-1).index_select(0, flat)
         x = self.word.index_select(0, ids) + self.token_type.index_select(0, types)
         x = F.layer_norm(x + self.position.index_select(0, pos), (self.hidden,), *self.ln0[:2], eps=self.ln0[2])
         key_mask = (mask != 0).view(batch, 1, 1, width)

@@ -162,7 +162,7 @@ class BertProcessor(InputProcessor):
             raise Unimplemented(
                 f"multimodal input is not supported by {self._architecture}", reason=reasons.UNSUPPORTED_INPUT
             )
-        if options.embedding_mode is not EmbeddingMode.RAW:
+        if options.embedding_mode not in (EmbeddingMode.RAW, EmbeddingMode.AUTO):
             if self._colbert is None:
                 raise InvalidArgument(
                     f"embedding_mode {options.embedding_mode.value!r} needs a ColBERT checkpoint; "

@@ -34,7 +34,7 @@ TASKS = {
 }
 TASK_TO_PROTO = {task: value for value, task in TASKS.items()}
 MODES = {
-    pb.EMBEDDING_MODE_UNSPECIFIED: EmbeddingMode.RAW,
+    pb.EMBEDDING_MODE_UNSPECIFIED: EmbeddingMode.AUTO,
     pb.EMBEDDING_MODE_RAW: EmbeddingMode.RAW,
     pb.EMBEDDING_MODE_QUERY: EmbeddingMode.QUERY,
     pb.EMBEDDING_MODE_DOCUMENT: EmbeddingMode.DOCUMENT,
