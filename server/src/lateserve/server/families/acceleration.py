@@ -43,9 +43,10 @@ def onednn_available() -> bool:
 class PackedLinear(nn.Module):
     """`nn.Linear` through oneDNN with the weight reordered once at load ("prepacked").
 
-    `compute_dtype` bfloat16 runs the matmul on bf16 inputs and weights (float32 accumulation) and
-    returns float32; float32 is exact float32 (a different summation order than MKL, ~1e-6).
-    `activation` "gelu" / "gelu_tanh" fuses the activation into the kernel's epilogue.
+    `compute_dtype` bfloat16 runs the matmul on bf16 inputs and weights (float32 accumulation inside
+    oneDNN); float32 is exact float32 (another summation order than MKL, ~1e-6). The result is float32
+    unless `float_output` is False (then it stays in `compute_dtype`, for a following PackedLinear).
+    `activation` "gelu" (erf) or "gelu_tanh" is fused into the kernel's epilogue.
     """
 
     def __init__(
@@ -54,12 +55,15 @@ class PackedLinear(nn.Module):
         bias: torch.Tensor | None,
         compute_dtype: torch.dtype = torch.float32,
         activation: str = "",
+        *,
+        float_output: bool = True,
     ) -> None:
         super().__init__()
         weight = weight.detach().to(compute_dtype).contiguous()
         self.in_features = int(weight.shape[1])
         self.out_features = int(weight.shape[0])
         self.compute_dtype = compute_dtype
+        self.float_output = float_output
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self._bias = None if bias is None else bias.detach().to(compute_dtype).contiguous()
         if activation in ("gelu", "gelu_tanh"):
@@ -75,7 +79,7 @@ class PackedLinear(nn.Module):
         y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
             x, self._packed, self._bias, self._attr, [], self._algorithm
         )
-        return y if y.dtype == torch.float32 else y.float()
+        return y.float() if self.float_output and y.dtype != torch.float32 else y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.compute_dtype}, act={self._attr}"
@@ -91,24 +95,34 @@ def swap_linears(module: nn.Module, compute_dtype: torch.dtype = torch.float32) 
     return module
 
 
-class _Layer:
-    """One BERT layer's weights, ready for the packed forward."""
+def _layer_norm(x: torch.Tensor, ln: Any) -> torch.Tensor:
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+class _Layer(nn.Module):
+    """One BERT layer's weights, ready for the packed forward (LayerNorms kept in float32)."""
 
     def __init__(self, layer: Any, compute: torch.dtype, gelu: str) -> None:
+        super().__init__()
         attn = layer.attention.self
         q, k, v = attn.query, attn.key, attn.value
-        self.qkv = PackedLinear(torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]), compute)
-        out = layer.attention.output
-        self.attn_out = PackedLinear(out.dense.weight, out.dense.bias, compute)
-        self.ln1 = (out.LayerNorm.weight.detach().float(), out.LayerNorm.bias.detach().float(), out.LayerNorm.eps)
-        self.up = PackedLinear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, compute, gelu)
-        ffn = layer.output
-        self.down = PackedLinear(ffn.dense.weight, ffn.dense.bias, compute)
-        self.ln2 = (ffn.LayerNorm.weight.detach().float(), ffn.LayerNorm.bias.detach().float(), ffn.LayerNorm.eps)
+        self.qkv = PackedLinear(
+            torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]), compute
+        )
+        self.attn_out = PackedLinear(layer.attention.output.dense.weight, layer.attention.output.dense.bias, compute)
+        self.ln1 = layer.attention.output.LayerNorm.float()
+        dense = layer.intermediate.dense
+        self.up = PackedLinear(dense.weight, dense.bias, compute, gelu, float_output=False)
+        self.down = PackedLinear(layer.output.dense.weight, layer.output.dense.bias, compute)
+        self.ln2 = layer.output.LayerNorm.float()
 
 
 class FastBertModel(nn.Module):
     """A drop-in, inference-only `BertModel` replacement for CPU (see the module docstring)."""
+
+    # Up to this many sequences, attention runs sequence by sequence on the packed rows (no padding,
+    # no mask); larger batches use one padded, masked SDPA call (the Python loop would cost more).
+    varlen_max_batch = 64
 
     def __init__(self, bert: Any, compute_dtype: torch.dtype) -> None:
         super().__init__()
@@ -119,12 +133,13 @@ class FastBertModel(nn.Module):
         self.heads = int(config.num_attention_heads)
         self.head_dim = int(config.hidden_size) // self.heads
         self.hidden = int(config.hidden_size)
+        self.scale = self.head_dim**-0.5
         self.word = emb.word_embeddings.weight.detach().float()
         self.position = emb.position_embeddings.weight.detach().float()
         self.token_type = emb.token_type_embeddings.weight.detach().float()
-        self.ln0 = (emb.LayerNorm.weight.detach().float(), emb.LayerNorm.bias.detach().float(), emb.LayerNorm.eps)
+        self.ln0 = emb.LayerNorm.float()
         gelu = "gelu" if _GELU[config.hidden_act] == "none" else "gelu_tanh"
-        self.layers = [_Layer(layer, compute_dtype, gelu) for layer in bert.encoder.layer]
+        self.layers = nn.ModuleList([_Layer(layer, compute_dtype, gelu) for layer in bert.encoder.layer])
         self.pad_id = int(config.pad_token_id or 0)
 
     @staticmethod
@@ -160,44 +175,73 @@ class FastBertModel(nn.Module):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         real = (mask != 0) | (input_ids != self.pad_id)
         positions = torch.arange(width, device=input_ids.device)
-        # Each row's computed prefix ends at its last real position.
-        ends = torch.where(real, positions + 1, 0).amax(dim=1)
+        ends = torch.where(real, positions + 1, 0).amax(dim=1)  # each row's computed prefix
         valid = positions.unsqueeze(0) < ends.unsqueeze(1)
+        full = bool(valid.all())
         flat = valid.reshape(-1).nonzero().squeeze(1)  # row-major positions of computed tokens
-        ids = input_ids.reshape(-1).index_select(0, flat)
-        pos = positions.repeat(batch).index_select(0, flat)
-        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids.reshape(-1).index_select(0, flat)
+        ids = input_ids.reshape(-1)
+        pos = positions.repeat(batch)
+        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids.reshape(-1)
+        if not full:
+            ids, pos, types = ids.index_select(0, flat), pos.index_select(0, flat), types.index_select(0, flat)
         x = self.word.index_select(0, ids) + self.token_type.index_select(0, types)
-        x = F.layer_norm(x + self.position.index_select(0, pos), (self.hidden,), *self.ln0[:2], eps=self.ln0[2])
-        key_mask = (mask != 0).view(batch, 1, 1, width)
-        everything = bool(key_mask.all())
-        full = flat.numel() == batch * width
+        x = _layer_norm(x + self.position.index_select(0, pos), self.ln0)
+        keys = mask != 0
+        unmasked = bool(keys[valid].all())  # no masked key inside any computed prefix
+        spans: list[tuple[int, int]] | None = None
+        key_mask: torch.Tensor | None = None
+        if unmasked and batch <= self.varlen_max_batch:
+            lengths = ends.tolist()
+            starts = [0]
+            for n in lengths:
+                starts.append(starts[-1] + n)
+            spans = [(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True) if b > a]
+        elif not unmasked or not full:
+            key_mask = keys.view(batch, 1, 1, width)
         for layer in self.layers:
-            x = self._layer(layer, x, flat, batch, width, None if everything else key_mask, full)
+            x = self._layer(layer, x, spans, flat, batch, width, key_mask, full)
         out = x if full else x.new_zeros(batch * width, self.hidden).index_copy_(0, flat, x)
         return SimpleNamespace(last_hidden_state=out.view(batch, width, self.hidden))
+
+    def _attention_varlen(self, qkv: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+        """Attention sequence by sequence over packed rows: [tokens, 3 * hidden] -> [tokens, hidden]."""
+        tokens = qkv.shape[0]
+        parts = qkv.view(tokens, 3, self.heads, self.head_dim)
+        out = qkv.new_empty(tokens, self.heads, self.head_dim)
+        for a, b in spans:
+            q, k, v = parts[a:b].permute(1, 2, 0, 3).unbind(0)  # [heads, n, head_dim] each
+            scores = torch.matmul(q, k.transpose(1, 2)).mul_(self.scale)
+            out[a:b] = torch.matmul(scores.softmax(dim=-1), v).transpose(0, 1)
+        return out.view(tokens, self.hidden)
+
+    def _attention_padded(
+        self, qkv: torch.Tensor, flat: torch.Tensor, batch: int, width: int, key_mask: torch.Tensor | None, full: bool
+    ) -> torch.Tensor:
+        if not full:
+            qkv = qkv.new_zeros(batch * width, 3 * self.hidden).index_copy_(0, flat, qkv)
+        q, k, v = qkv.view(batch, width, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [batch, heads, width, head_dim]
+        ctx = ctx.transpose(1, 2).reshape(batch * width, self.hidden)
+        return ctx if full else ctx.index_select(0, flat)
 
     def _layer(
         self,
         layer: _Layer,
         x: torch.Tensor,
+        spans: list[tuple[int, int]] | None,
         flat: torch.Tensor,
         batch: int,
         width: int,
         key_mask: torch.Tensor | None,
         full: bool,
     ) -> torch.Tensor:
-        qkv = layer.qkv(x)  # [tokens, 3 * hidden] float32
-        if not full:
-            qkv = qkv.new_zeros(batch * width, 3 * self.hidden).index_copy_(0, flat, qkv)
-        q, k, v = qkv.view(batch, width, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [batch, heads, width, head_dim]
-        ctx = ctx.transpose(1, 2).reshape(batch * width, self.hidden)
-        if not full:
-            ctx = ctx.index_select(0, flat)
-        h = F.layer_norm(layer.attn_out(ctx) + x, (self.hidden,), *layer.ln1[:2], eps=layer.ln1[2])
-        y = layer.down(layer.up(h))
-        return F.layer_norm(y + h, (self.hidden,), *layer.ln2[:2], eps=layer.ln2[2])
+        qkv = layer.qkv(x)  # [tokens, 3 * hidden] float32: attention runs in float32
+        if spans is not None:
+            ctx = self._attention_varlen(qkv, spans)
+        else:
+            ctx = self._attention_padded(qkv, flat, batch, width, key_mask, full)
+        h = _layer_norm(layer.attn_out(ctx) + x, layer.ln1)
+        return _layer_norm(layer.down(layer.up(h)) + h, layer.ln2)
 
 
 def optimize_for_cpu(module: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -56,9 +57,7 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
         task = self._task(request)
         options = options_from_proto(request.options)
         if request.messages and not request.options.HasField("add_special_tokens"):
-            options = type(options)(  # chat prompts carry their own special tokens (vLLM default)
-                options.truncate_prompt_tokens, options.truncation_side, False, options.embedding_mode
-            )
+            options = replace(options, add_special_tokens=False)  # chat templates bring their own (vLLM)
         normalize = request.normalize if request.HasField("normalize") else True
         if request.return_lexical_weights:
             self._lexical_spec(task)  # fail before encoding
