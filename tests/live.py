@@ -17,7 +17,9 @@ class LiveServer:
     """Starts `Server(config)` on ephemeral ports; `grpc_target` and `http_url` say where."""
 
     def __init__(self, config: ServerConfig) -> None:
-        self.config = replace(config, host="127.0.0.1", port=0, grpc_host="127.0.0.1", grpc_port=0)
+        # Tests compare against float32 references: `auto` would pick bfloat16 on CPUs with native bf16.
+        dtype = "float32" if config.dtype in ("auto", "") else config.dtype
+        self.config = replace(config, host="127.0.0.1", port=0, grpc_host="127.0.0.1", grpc_port=0, dtype=dtype)
         self.loop = asyncio.new_event_loop()
         self.server = Server(self.config)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="live-server")

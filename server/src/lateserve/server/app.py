@@ -17,6 +17,7 @@ from lateserve.server.config import (
     DEFAULT_SERVED_NAME,
     ServerConfig,
     default_model_path,
+    dtype_reason,
     resolve_device,
     resolve_dtype,
     worker_layout,
@@ -82,9 +83,9 @@ class Server:
         dtype = resolve_dtype(cfg.dtype, device)
         n_workers, threads = worker_layout(device, cfg.workers, cfg.threads_per_worker)
         log.info(
-            "serving %s (%s, %s) as %r: %d worker(s) x %d thread(s) on %s, dtype %s, max_model_len %d",
+            "serving %s (%s, %s) as %r: %d worker(s) x %d thread(s) on %s, dtype %s (%s), max_model_len %d",
             source.name, spec.architecture, spec.kind.value, name, n_workers, threads, device, dtype,
-            spec.max_model_len,
+            dtype_reason(cfg.dtype, device), spec.max_model_len,
         )  # fmt: skip
         self.pool = WorkerPool(
             [

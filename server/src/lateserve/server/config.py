@@ -65,12 +65,35 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The native-bf16 instruction sets this CPU reports (avx512_bf16, amx_bf16); empty when none."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
-    """auto: float32 on CPU (exact vLLM parity), bfloat16 on CUDA."""
+    """auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16 / amx_bf16), float32 on other CPUs."""
     if dtype in ("auto", ""):
-        return "bfloat16" if device == "cuda" else "float32"
+        return "bfloat16" if device == "cuda" or cpu_bf16_flags() else "float32"
     aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     return aliases.get(dtype, dtype)
+
+
+def dtype_reason(requested: str, device: str) -> str:
+    """Why `resolve_dtype` chose what it chose, for the startup log line."""
+    if requested not in ("auto", ""):
+        return "as requested"
+    if device == "cuda":
+        return "auto: CUDA"
+    flags = cpu_bf16_flags()
+    return f"auto: CPU has native bf16 ({', '.join(flags)})" if flags else "auto: CPU has no native bf16"
 
 
 def worker_layout(device: str, workers: int, threads: int) -> tuple[int, int]:

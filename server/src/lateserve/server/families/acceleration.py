@@ -1,27 +1,30 @@
 """CPU fast paths for encoder forwards: oneDNN prepacked linears, unpadded tokens, bf16 matmuls.
 
-Why (shared/reference/cpu-performance-notes.md, measured here): torch's default float32 GEMM (MKL) runs
-at well under half of what oneDNN reaches on these cores with prepacked weights, one big padded batch
-wastes a third of its tokens on padding, and bfloat16 matmuls run about 2x oneDNN float32.
+Why (measured on the project's 2-core AVX-512/avx512_bf16 machine, docs/benchmarks.md): oneDNN with
+weights prepacked once runs the model's float32 GEMMs at ~200 GFLOP/s against 134-186 for torch's default
+(MKL), bfloat16 GEMMs at ~420, and a 1x20 rerank batch padded to one length carries 46 % padding.
 
 `optimize_for_cpu(module, dtype)` returns a module to call instead of `module`:
 
 - a transformers `BertModel` (encoder, absolute positions) becomes `FastBertModel`: the same call
   (`input_ids`, `attention_mask`, `token_type_ids`) and `.last_hidden_state`, computed over the real
   tokens only (rows packed, no padding through the linears), with fused QKV and GELU-fused oneDNN
-  linears. Only attention sees a padded [batch, heads, width, head_dim] view, masked exactly as
-  transformers masks it.
+  linears. Attention runs per sequence on the packed rows; batches of many short sequences, or with
+  masked positions inside a sequence, use one padded SDPA call masked exactly as transformers masks.
 - anything else has its `nn.Linear` layers swapped for `PackedLinear` (oneDNN, prepacked).
 
 Numerics: float32 stays float32 everywhere (differences to transformers come from summation order
-only, ~1e-6 on normalised token vectors). bfloat16 is used for the linear weights and the matmul
-inputs only; accumulation is in float32 inside oneDNN, and embeddings, residual adds, LayerNorm,
-softmax/attention, the projection head and normalisation stay float32 (per-token cosine against
-float32 >= 0.9999 on all-MiniLM-L6-v2). float16 has no fast path here: the module is cast as before.
+only, ~1e-6 on normalised token vectors). bfloat16 runs the feed-forward matmuls (2/3 of the FLOPs) on
+bf16 weights and inputs, accumulating in float32 inside oneDNN; the attention projections, embeddings,
+residual adds, LayerNorm, softmax/attention, the projection head and normalisation stay float32, which
+keeps every token's vector at cosine >= 0.9999 against float32 on all-MiniLM-L6-v2 (0.99995; with the
+attention projections in bf16 too, `bf16_attention_projections=True`, it is ~20 % faster but 0.99983).
+float16 has no fast path here: the module is cast as before.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -102,14 +105,15 @@ def _layer_norm(x: torch.Tensor, ln: Any) -> torch.Tensor:
 class _Layer(nn.Module):
     """One BERT layer's weights, ready for the packed forward (LayerNorms kept in float32)."""
 
-    def __init__(self, layer: Any, compute: torch.dtype, gelu: str) -> None:
+    def __init__(self, layer: Any, compute: torch.dtype, gelu: str, attention_compute: torch.dtype) -> None:
         super().__init__()
         attn = layer.attention.self
         q, k, v = attn.query, attn.key, attn.value
         self.qkv = PackedLinear(
-            torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]), compute
+            torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]), attention_compute
         )
-        self.attn_out = PackedLinear(layer.attention.output.dense.weight, layer.attention.output.dense.bias, compute)
+        out = layer.attention.output.dense
+        self.attn_out = PackedLinear(out.weight, out.bias, attention_compute)
         self.ln1 = layer.attention.output.LayerNorm.float()
         dense = layer.intermediate.dense
         self.up = PackedLinear(dense.weight, dense.bias, compute, gelu, float_output=False)
@@ -120,11 +124,13 @@ class _Layer(nn.Module):
 class FastBertModel(nn.Module):
     """A drop-in, inference-only `BertModel` replacement for CPU (see the module docstring)."""
 
-    # Up to this many sequences, attention runs sequence by sequence on the packed rows (no padding,
-    # no mask); larger batches use one padded, masked SDPA call (the Python loop would cost more).
+    # Attention runs sequence by sequence on the packed rows (no padding, no mask) unless the batch
+    # has many short sequences: more than `varlen_max_batch` of them averaging under
+    # `varlen_min_mean_tokens`; then one padded, masked SDPA call costs less than the Python loop.
     varlen_max_batch = 64
+    varlen_min_mean_tokens = 32
 
-    def __init__(self, bert: Any, compute_dtype: torch.dtype) -> None:
+    def __init__(self, bert: Any, compute_dtype: torch.dtype, *, bf16_attention_projections: bool = False) -> None:
         super().__init__()
         config = bert.config
         emb = bert.embeddings
@@ -139,7 +145,11 @@ class FastBertModel(nn.Module):
         self.token_type = emb.token_type_embeddings.weight.detach().float()
         self.ln0 = emb.LayerNorm.float()
         gelu = "gelu" if _GELU[config.hidden_act] == "none" else "gelu_tanh"
-        self.layers = nn.ModuleList([_Layer(layer, compute_dtype, gelu) for layer in bert.encoder.layer])
+        # bfloat16: the feed-forward matmuls (2/3 of the FLOPs) always; the attention projections
+        # (QKV, output) only when asked, since they carry most of the bf16 error into the scores.
+        attention = compute_dtype if bf16_attention_projections else torch.float32
+        self._layer_list = [_Layer(layer, compute_dtype, gelu, attention) for layer in bert.encoder.layer]
+        self.layers = nn.ModuleList(self._layer_list)
         self.pad_id = int(config.pad_token_id or 0)
 
     @staticmethod
@@ -190,15 +200,13 @@ class FastBertModel(nn.Module):
         unmasked = bool(keys[valid].all())  # no masked key inside any computed prefix
         spans: list[tuple[int, int]] | None = None
         key_mask: torch.Tensor | None = None
-        if unmasked and batch <= self.varlen_max_batch:
-            lengths = ends.tolist()
-            starts = [0]
-            for n in lengths:
-                starts.append(starts[-1] + n)
-            spans = [(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True) if b > a]
+        tokens = int(flat.numel())
+        if unmasked and (batch <= self.varlen_max_batch or tokens >= self.varlen_min_mean_tokens * batch):
+            starts = [0, *itertools.accumulate(ends.tolist())]
+            spans = [(a, b) for a, b in itertools.pairwise(starts) if b > a]
         elif not unmasked or not full:
             key_mask = keys.view(batch, 1, 1, width)
-        for layer in self.layers:
+        for layer in self._layer_list:
             x = self._layer(layer, x, spans, flat, batch, width, key_mask, full)
         out = x if full else x.new_zeros(batch * width, self.hidden).index_copy_(0, flat, x)
         return SimpleNamespace(last_hidden_state=out.view(batch, width, self.hidden))
@@ -254,7 +262,10 @@ def optimize_for_cpu(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         return module.to(dtype)
     module = module.float().eval()
     if FastBertModel.supports(module):
-        log.info("CPU fast path: unpadded BERT forward, oneDNN linears, %s matmuls", dtype)
+        log.info(
+            "CPU fast path: unpadded BERT forward, oneDNN linears, %s",
+            "bfloat16 feed-forward matmuls, float32 elsewhere" if dtype == torch.bfloat16 else "float32",
+        )
         return FastBertModel(module, dtype)
     log.info("CPU fast path: oneDNN linears, %s matmuls", dtype)
     return swap_linears(module, dtype)

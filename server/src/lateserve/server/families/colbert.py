@@ -252,8 +252,11 @@ class BertRunner(ModelRunner):
         self.dtype = getattr(torch, dtype)
         self.pad_id = int(config.pad_token_id or 0)
         model.to(self.device).eval()
-        model["bert"].to(self.dtype)  # the head stays float32, as vLLM's head_dtype
-        self.bert = backbone
+        # The head stays float32, as vLLM's head_dtype. On CPU the backbone runs through oneDNN linears
+        # over unpadded tokens, bf16 only inside the matmuls (families/acceleration.py).
+        from lateserve.server.families.acceleration import optimize_for_cpu
+
+        self.bert = optimize_for_cpu(backbone, self.dtype) if self.device.type == "cpu" else backbone.to(self.dtype)
         self.linear = modules.get("linear")
         self.dim = dim or int(config.hidden_size)
 
