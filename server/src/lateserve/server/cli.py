@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", type=_chat_template, default=None)
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--runner", choices=["pooling", "auto"], default="pooling", help="accepted for vLLM parity")
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "half", "float"])
+    serve.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16", "half", "float"],
+        help="auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16, amx_bf16), float32 otherwise",
+    )
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--workers", type=int, default=0, help="worker processes (default: 1 on CPU, 1 per GPU)")
     serve.add_argument("--threads-per-worker", type=int, default=0, help="default: cores / workers")
