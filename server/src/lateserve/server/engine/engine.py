@@ -103,14 +103,19 @@ class Engine:
             options = replace(options, truncate_prompt_tokens=limit)
         if options.embedding_mode == EmbeddingMode.AUTO:
             options = replace(options, embedding_mode=EmbeddingMode.RAW)
-        sequences = []
-        for index, item in enumerate(items):
-            try:
-                seq = self.processor.encode(item, options, role)
-            except InvalidArgument as exc:
-                if exc.field in (None, "input"):  # families do not know where the item sat
-                    exc.field = f"{field}[{index}]"
-                raise
+        try:
+            sequences = self.processor.encode_many(items, options, role)
+        except InvalidArgument:
+            sequences = []  # find the item at fault, so the error names it
+            for index, item in enumerate(items):
+                try:
+                    sequences.append(self.processor.encode(item, options, role))
+                except InvalidArgument as exc:
+                    if exc.field in (None, "input"):  # families do not know where the item sat
+                        exc.field = f"{field}[{index}]"
+                    raise
+            raise
+        for index, seq in enumerate(sequences):
             if seq.num_tokens > limit:
                 n = seq.num_tokens
                 raise InputTooLong(
@@ -120,7 +125,6 @@ class Engine:
                     field="input_tokens",
                     metadata={"maxModelLen": str(limit), "inputTokens": str(n), "item": f"{field}[{index}]"},
                 )
-            sequences.append(seq)
         return sequences
 
     def _admit(self) -> None:

@@ -76,6 +76,11 @@ class InputProcessor(ABC):
         """Tokenize one item. Applies truncation from options; never checks max_model_len
         (the engine does, once, for every family). Raises InvalidArgument for bad input."""
 
+    def encode_many(self, items: Seq[Item], options: EncodeOptions, role: Role) -> list[Sequence]:
+        """Tokenize a request's items; families override it to tokenize in one batched call
+        (the per-item Python loop is a large share of the server process's CPU under load)."""
+        return [self.encode(item, options, role) for item in items]
+
     @abstractmethod
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         """Plain tokenization for /tokenize."""

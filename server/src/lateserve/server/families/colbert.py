@@ -180,14 +180,37 @@ class BertProcessor(InputProcessor):
             self._check_ids(ids, self._vocab_size, field="input")
         return Sequence(ids=tuple(ids), prompt_tokens=len(ids))
 
+    def encode_many(self, items: Seq[Item], options: EncodeOptions, role: Role) -> list[Sequence]:
+        """Raw-mode text goes through the tokenizer in one batched call; anything else item by item."""
+        raw = options.embedding_mode in (EmbeddingMode.RAW, EmbeddingMode.AUTO)
+        if not (raw and len(items) > 1 and self._tokenizer.is_fast and all(isinstance(i, TextItem) for i in items)):
+            return super().encode_many(items, options, role)
+        limit = options.truncate_prompt_tokens
+        if limit == -1:
+            limit = self._max_model_len
+        texts = [item.text for item in items if isinstance(item, TextItem)]
+        batch = self._tokenizer(
+            texts, add_special_tokens=options.add_special_tokens, return_attention_mask=False, verbose=False
+        )
+        sequences = []
+        for k in range(len(texts)):
+            ids = self._cut_text(list(batch["input_ids"][k]), batch.sequence_ids(k), limit, options.truncation_side)
+            sequences.append(Sequence(ids=tuple(ids), prompt_tokens=len(ids)))
+        return sequences
+
     def _encode_text(self, text: str, special: bool, limit: int | None, side: TruncationSide) -> list[int]:
+        encoding = self._tokenizer(text, add_special_tokens=special, return_attention_mask=False, verbose=False)
+        sequence_ids = encoding.sequence_ids() if self._tokenizer.is_fast else []
+        return self._cut_text(list(encoding["input_ids"]), sequence_ids, limit, side)
+
+    def _cut_text(
+        self, ids: list[int], sequence_ids: Seq[int | None], limit: int | None, side: TruncationSide
+    ) -> list[int]:
         """vLLM truncates text inside the tokenizer, which drops text tokens and keeps the template's
         special tokens ([CLS] ... [SEP]); only when even those do not fit does it cut the final list."""
-        encoding = self._tokenizer(text, add_special_tokens=special, return_attention_mask=False, verbose=False)
-        ids: list[int] = list(encoding["input_ids"])
         if limit is None or len(ids) <= limit or not self._tokenizer.is_fast:
             return _truncate(ids, limit, side)
-        text_positions = [i for i, s in enumerate(encoding.sequence_ids()) if s is not None]
+        text_positions = [i for i, s in enumerate(sequence_ids) if s is not None]
         excess = len(ids) - limit
         if excess > len(text_positions):
             return _truncate(ids, limit, side)
