@@ -31,6 +31,7 @@ from lateserve.server.engine.types import ItemOutputs, ModelKind, Sequence, Task
 from lateserve.server.errors import ModelLoadError, UnsupportedTask
 from lateserve.server.families import loading
 from lateserve.server.families.base import Family, ModelRunner, ModelSource, ModelSpec
+from lateserve.server.families.batching import pad_batch
 from lateserve.server.families.colbert import BertProcessor
 
 if TYPE_CHECKING:
@@ -207,14 +208,8 @@ class BgeM3Runner(ModelRunner):
                 )
         if not batch:
             return []
-        lengths = [item.sequence.num_tokens for item in batch]
-        width = max(lengths)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, item in enumerate(batch):
-            seq = item.sequence
-            ids[row, : len(seq.ids)] = torch.tensor(seq.ids, dtype=torch.long)
-            mask[row, : len(seq.ids)] = torch.tensor(seq.attention_mask or [1] * len(seq.ids), dtype=torch.long)
+        ids, mask, lengths = pad_batch(batch, self.pad_id)
+        width = ids.shape[1]
         wanted = frozenset().union(*(item.tasks for item in batch))
         with torch.inference_mode():
             hidden = self._hidden(ids.to(self.device), mask.to(self.device)) if width else None

@@ -13,13 +13,10 @@ from collections.abc import Sequence as Seq
 from functools import cached_property
 from typing import TYPE_CHECKING, TypeVar
 
-import numpy as np
-
 from lateserve.server.engine.types import (
     EmbeddingMode,
     EncodeOptions,
     Item,
-    ItemOutputs,
     ModelKind,
     MultiModalItem,
     Sequence,
@@ -28,9 +25,10 @@ from lateserve.server.engine.types import (
     TruncationSide,
     WorkItem,
 )
-from lateserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented, UnsupportedTask
+from lateserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented
 from lateserve.server.families import loading
-from lateserve.server.families.base import Family, InputProcessor, ModelRunner, ModelSource, ModelSpec, Role
+from lateserve.server.families.base import Family, InputProcessor, ModelSource, ModelSpec, Role
+from lateserve.server.families.batching import TokenEmbedRunner
 from lateserve.server.families.colbert_encoding import ColbertEncoder
 from lateserve.wire import status as reasons
 
@@ -243,7 +241,7 @@ def _truncate(ids: list[int], limit: int | None, side: TruncationSide) -> list[i
     return ids[len(ids) - limit :] if side is TruncationSide.LEFT else ids[:limit]
 
 
-class BertRunner(ModelRunner):
+class BertRunner(TokenEmbedRunner):
     """transformers' BertModel with weights loaded strictly; the head runs in float32 whatever the dtype."""
 
     def __init__(self, source: ModelSource, *, architecture: str, dim: int | None, device: str, dtype: str) -> None:
@@ -282,35 +280,6 @@ class BertRunner(ModelRunner):
         self.bert = optimize_for_cpu(backbone, self.dtype) if self.device.type == "cpu" else backbone.to(self.dtype)
         self.linear = modules.get("linear")
         self.dim = dim or int(config.hidden_size)
-
-    def forward(self, batch: Seq[WorkItem]) -> list[ItemOutputs]:
-        import torch
-        import torch.nn.functional as F
-
-        for item in batch:
-            if item.tasks - {Task.TOKEN_EMBED}:
-                raise UnsupportedTask(f"this model only computes token_embed, not {sorted(item.tasks)}")
-        if not batch:
-            return []
-        lengths = [item.sequence.num_tokens for item in batch]
-        width = max(lengths)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, item in enumerate(batch):
-            seq = item.sequence
-            ids[row, : len(seq.ids)] = torch.tensor(seq.ids, dtype=torch.long)
-            mask[row, : len(seq.ids)] = torch.tensor(seq.attention_mask or [1] * len(seq.ids), dtype=torch.long)
-        with torch.inference_mode():
-            vectors = self._embed(ids.to(self.device), mask.to(self.device)) if width else None
-            outputs: list[ItemOutputs] = []
-            for row, item in enumerate(batch):
-                rows = vectors[row, : lengths[row]] if vectors is not None else torch.zeros((0, self.dim))
-                if item.sequence.keep is not None:
-                    rows = rows[list(item.sequence.keep)]
-                if item.normalize:
-                    rows = F.normalize(rows, p=2, dim=-1)
-                outputs.append({Task.TOKEN_EMBED: np.array(rows.cpu().numpy(), dtype=np.float32)})
-        return outputs
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[batch, width] ids -> [batch, width, dim] float32 token vectors, not yet normalised."""

@@ -33,12 +33,11 @@ from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-
-from lateserve.server.engine.types import ItemOutputs, ModelKind, Sequence, Task, WorkItem
-from lateserve.server.errors import ModelLoadError, UnsupportedTask
+from lateserve.server.engine.types import ModelKind, Sequence, Task, WorkItem
+from lateserve.server.errors import ModelLoadError
 from lateserve.server.families import loading
-from lateserve.server.families.base import Family, ModelRunner, ModelSource, ModelSpec
+from lateserve.server.families.base import Family, ModelSource, ModelSpec
+from lateserve.server.families.batching import TokenEmbedRunner
 from lateserve.server.families.colbert import BertProcessor
 from lateserve.server.families.colbert_encoding import STANFORD_METADATA, ColbertEncoder
 
@@ -256,7 +255,7 @@ def _lora_hint(names: Seq[str]) -> str:
     return ""
 
 
-class JinaRunner(ModelRunner):
+class JinaRunner(TokenEmbedRunner):
     """JinaEmbeddingsV3Model with the Jina weights renamed and loaded strictly; float32 head."""
 
     def __init__(self, source: ModelSource, *, dim: int, device: str, dtype: str) -> None:
@@ -325,35 +324,6 @@ class JinaRunner(ModelRunner):
                 state[f"{_BACKBONE}.{native}"] = part.contiguous()
                 names[f"{_BACKBONE}.{native}"] = f"{_BACKBONE}.{short}"
         return state, names
-
-    def forward(self, batch: Seq[WorkItem]) -> list[ItemOutputs]:
-        import torch
-        import torch.nn.functional as F
-
-        for item in batch:
-            if item.tasks - {Task.TOKEN_EMBED}:
-                raise UnsupportedTask(f"this model only computes token_embed, not {sorted(item.tasks)}")
-        if not batch:
-            return []
-        lengths = [item.sequence.num_tokens for item in batch]
-        width = max(lengths)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, item in enumerate(batch):
-            seq = item.sequence
-            ids[row, : len(seq.ids)] = torch.tensor(seq.ids, dtype=torch.long)
-            mask[row, : len(seq.ids)] = torch.tensor(seq.attention_mask or [1] * len(seq.ids), dtype=torch.long)
-        with torch.inference_mode():
-            vectors = self._embed(ids.to(self.device), mask.to(self.device)) if width else None
-            outputs: list[ItemOutputs] = []
-            for row, item in enumerate(batch):
-                rows = vectors[row, : lengths[row]] if vectors is not None else torch.zeros((0, self.dim))
-                if item.sequence.keep is not None:
-                    rows = rows[list(item.sequence.keep)]
-                if item.normalize:
-                    rows = F.normalize(rows, p=2, dim=-1)
-                outputs.append({Task.TOKEN_EMBED: np.array(rows.cpu().numpy(), dtype=np.float32)})
-        return outputs
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[batch, width] ids -> [batch, width, dim] float32 token vectors, not yet normalised.

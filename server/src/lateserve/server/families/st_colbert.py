@@ -159,8 +159,8 @@ class StColBERT(Family):
 class StColbertRunner(BertRunner):
     """The backbone transformers builds for the model_type, plus the float32 projection head.
 
-    Batching, masks, `keep` and normalisation are BertRunner's `forward`; only construction and
-    `_embed` differ (no token_type_ids, no KV cache).
+    Batching, masks, `keep` and normalisation are TokenEmbedRunner's `forward` (families/batching.py);
+    only construction and `_embed` differ (no token_type_ids, no KV cache).
     """
 
     def __init__(
