@@ -18,7 +18,6 @@ the runner.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence as Seq
 from functools import cached_property
 from pathlib import Path
@@ -43,7 +42,6 @@ TASKS = frozenset({Task.EMBED, Task.TOKEN_EMBED, Task.TOKEN_CLASSIFY})
 SCORE_MODES = ("dense", "sparse", "colbert", "weighted")
 HEAD_FILES = {"colbert_linear": "colbert_linear.pt", "sparse_linear": "sparse_linear.pt"}
 _PREFIX = "roberta."  # some exports nest the backbone; BAAI/bge-m3 uses root keys
-_SANE_TOKENIZER_LIMIT = 1_000_000
 
 
 def _head_files_present(model_dir: Path) -> None:
@@ -73,12 +71,7 @@ class BgeM3(Family):
         config = self.source.config
         # XLM-R positions start at padding_idx + 1, so two position slots are never used by tokens.
         offset = int(config.get("pad_token_id", 1)) + 1
-        limits: list[float] = [self.source.max_model_len or math.inf]
-        limits.append(int(config.get("max_position_embeddings", 514)) - offset)
-        declared = self._tokenizer.model_max_length
-        if isinstance(declared, int | float) and 0 < declared < _SANE_TOKENIZER_LIMIT:
-            limits.append(int(declared))
-        return int(min(limits))
+        return loading.max_model_len(self.source, int(config.get("max_position_embeddings", 514)) - offset)
 
     def lexical_spec(self) -> LexicalSpec:
         """BOS/EOS from config.json (as vLLM's BOSEOSFilter); skipped ids as FlagEmbedding's unused_tokens."""

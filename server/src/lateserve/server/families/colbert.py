@@ -7,7 +7,6 @@ torch and transformers are imported only inside the runner and the tokenizer loa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from functools import cached_property
@@ -43,7 +42,6 @@ _PREFIXES = ("model.", "bert.")  # stripped in this order, as vLLM's ColBERTMode
 _DIM_KEYS = ("colbert_dim", "dim", "projection_dim")
 _PROJECTED = frozenset({"HF_ColBERT", "ColBERTModel"})
 # transformers writes 1e30 as model_max_length when a tokenizer declares no limit.
-_SANE_TOKENIZER_LIMIT = 1_000_000
 
 
 def split_checkpoint(state: Mapping[str, T]) -> tuple[dict[str, T], T | None, dict[str, str]]:
@@ -64,6 +62,18 @@ def split_checkpoint(state: Mapping[str, T]) -> tuple[dict[str, T], T | None, di
             backbone[short] = value
             origin[short] = name
     return backbone, projection, origin
+
+
+def projection_dim(source: ModelSource, architecture: str) -> int:
+    """The ColBERT projection width: colbert_dim / dim / projection_dim from config, else the
+    `linear.weight` shape in the checkpoint (vLLM's order)."""
+    configured = next((source.config[k] for k in _DIM_KEYS if source.config.get(k)), None)
+    if configured is not None:
+        return int(configured)
+    _, shape, _ = split_checkpoint(loading.read_safetensors_shapes(source.path))
+    if shape is None:
+        raise ModelLoadError(f"{architecture} checkpoint {source.path} has no linear.weight projection")
+    return shape[0]
 
 
 class BertColBERT(Family):
@@ -93,26 +103,13 @@ class BertColBERT(Family):
 
     @cached_property
     def _token_dim(self) -> int:
-        config = self.source.config
         if not self.projected:
-            return int(config["hidden_size"])
-        configured = next((config[k] for k in _DIM_KEYS if config.get(k)), None)
-        if configured is not None:
-            return int(configured)
-        _, shape, _ = split_checkpoint(loading.read_safetensors_shapes(self.source.path))
-        if shape is None:
-            raise ModelLoadError(f"{self.architecture} checkpoint {self.source.path} has no linear.weight projection")
-        return shape[0]
+            return int(self.source.config["hidden_size"])
+        return projection_dim(self.source, self.architecture)
 
     @cached_property
     def _max_model_len(self) -> int:
-        limits: list[float] = [self.source.max_model_len or math.inf]
-        limits.append(int(self.source.config.get("max_position_embeddings", 512)))
-        tokenizer_config = self.source.read_json("tokenizer_config.json") or {}
-        declared = tokenizer_config.get("model_max_length")
-        if isinstance(declared, int | float) and 0 < declared < _SANE_TOKENIZER_LIMIT:
-            limits.append(int(declared))
-        return int(min(limits))
+        return loading.max_model_len(self.source, int(self.source.config.get("max_position_embeddings", 512)))
 
     def processor(self) -> BertProcessor:
         tokenizer = loading.load_tokenizer(self.source.path, trust_remote_code=self.source.trust_remote_code)

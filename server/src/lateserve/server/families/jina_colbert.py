@@ -25,7 +25,6 @@ torch and transformers are imported only inside the runner and the tokenizer loa
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
@@ -38,7 +37,7 @@ from lateserve.server.errors import ModelLoadError
 from lateserve.server.families import loading
 from lateserve.server.families.base import Family, ModelSource, ModelSpec
 from lateserve.server.families.batching import TokenEmbedRunner
-from lateserve.server.families.colbert import BertProcessor
+from lateserve.server.families.colbert import BertProcessor, projection_dim
 from lateserve.server.families.colbert_encoding import STANFORD_METADATA, ColbertEncoder
 
 if TYPE_CHECKING:
@@ -51,10 +50,8 @@ ARCHITECTURE = "ColBERTJinaRobertaModel"
 PROJECTION_KEYS = ("linear.weight", "colbert_linear.weight")
 _PREFIXES = ("model.", "roberta.")  # stripped in this order, as vLLM's ColBERTJinaRobertaModel does
 _SKIPPED = ("pooler.",)
-_DIM_KEYS = ("colbert_dim", "dim", "projection_dim")
 DEFAULT_ROTARY_BASE = 10000.0
 """XLMRobertaFlashConfig's default, for a config.json without rotary_emb_base."""
-_SANE_TOKENIZER_LIMIT = 1_000_000
 QUERY_MARKER = "[QueryMarker]"
 DOCUMENT_MARKER = "[DocumentMarker]"
 """Jina's markers, used by the faithful modes unless artifact.metadata names others."""
@@ -200,24 +197,11 @@ class JinaColBERT(Family):
 
     @cached_property
     def _token_dim(self) -> int:
-        config = self.source.config
-        configured = next((config[k] for k in _DIM_KEYS if config.get(k)), None)
-        if configured is not None:
-            return int(configured)
-        _, shape, _ = split_checkpoint(loading.read_safetensors_shapes(self.source.path))
-        if shape is None:
-            raise ModelLoadError(f"{ARCHITECTURE} checkpoint {self.source.path} has no linear.weight projection")
-        return shape[0]
+        return projection_dim(self.source, ARCHITECTURE)
 
     @cached_property
     def _max_model_len(self) -> int:
-        limits: list[float] = [self.source.max_model_len or math.inf]
-        limits.append(int(self.source.config.get("max_position_embeddings", 8194)))
-        tokenizer_config = self.source.read_json("tokenizer_config.json") or {}
-        declared = tokenizer_config.get("model_max_length")
-        if isinstance(declared, int | float) and 0 < declared < _SANE_TOKENIZER_LIMIT:
-            limits.append(int(declared))
-        return int(min(limits))
+        return loading.max_model_len(self.source, int(self.source.config.get("max_position_embeddings", 8194)))
 
     def processor(self) -> BertProcessor:
         # Never remote code, even with --trust-remote-code: config.json's auto_map points at Jina's

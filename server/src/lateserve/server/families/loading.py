@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lateserve.server.errors import ModelLoadError
+from lateserve.server.families.base import ModelSource
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +25,20 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 # A safetensors header is JSON of a few KB per tensor; anything bigger means a corrupt or foreign file.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _LISTED_KEYS = 20
+
+
+# A tokenizer_config model_max_length at or above this is transformers' "no limit" placeholder.
+_SANE_TOKENIZER_LIMIT = 1_000_000
+
+
+def max_model_len(source: ModelSource, positions: int) -> int:
+    """The served input limit: the smallest of --max-model-len, the positions the backbone has,
+    and the tokenizer's declared model_max_length (when it is a real number)."""
+    limits: list[float] = [source.max_model_len or math.inf, positions]
+    declared = (source.read_json("tokenizer_config.json") or {}).get("model_max_length")
+    if isinstance(declared, int | float) and 0 < declared < _SANE_TOKENIZER_LIMIT:
+        limits.append(int(declared))
+    return int(min(limits))
 
 
 def weight_files(model_dir: Path) -> list[Path]:

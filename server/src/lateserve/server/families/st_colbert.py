@@ -16,7 +16,6 @@ loaded strictly. torch and transformers are imported only in the runner.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,7 +36,6 @@ T = TypeVar("T")
 # architecture -> the model_type its config.json must declare (the transformers backbone).
 BACKBONES: dict[str, str] = {"ColBERTModernBertModel": "modernbert", "ColBERTLfm2Model": "lfm2"}
 PROJECTION_KEYS = ("linear.weight", "colbert_linear.weight")
-_SANE_TOKENIZER_LIMIT = 1_000_000
 
 
 def split_checkpoint(state: Mapping[str, T]) -> tuple[dict[str, T], T | None, dict[str, str]]:
@@ -122,12 +120,8 @@ class StColBERT(Family):
     def _max_model_len(self) -> int:
         """vLLM: sentence_bert_config.json max_seq_length replaces max_position_embeddings when present."""
         sbert = self.source.read_json("sentence_bert_config.json") or {}
-        derived = sbert.get("max_seq_length") or self.source.config.get("max_position_embeddings", 512)
-        limits: list[float] = [self.source.max_model_len or math.inf, int(derived)]
-        declared = (self.source.read_json("tokenizer_config.json") or {}).get("model_max_length")
-        if isinstance(declared, int | float) and 0 < declared < _SANE_TOKENIZER_LIMIT:
-            limits.append(int(declared))
-        return int(min(limits))
+        positions = sbert.get("max_seq_length") or self.source.config.get("max_position_embeddings", 512)
+        return loading.max_model_len(self.source, int(positions))
 
     def processor(self) -> BertProcessor:
         tokenizer = loading.load_tokenizer(self.source.path, trust_remote_code=self.source.trust_remote_code)
