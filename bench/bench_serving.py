@@ -246,48 +246,106 @@ class Target:
         return await closed_loop(lambda n: self.send(mix, n), concurrency, count, max_seconds)
 
 
+_REPLICA: dict[str, Any] = {}
+
+
+def _replica_init(model_dir: str, dtype: str, threads: int, cores: list[int]) -> None:
+    """A bare-forward replica process: what a server worker computes, without the server."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if cores:
+        os.sched_setaffinity(0, cores)
+    import torch
+
+    from lateserve.server.families.registry import family_for, load_source
+
+    torch.set_num_threads(threads)
+    source = load_source(model_dir, hf_overrides={}, trust_remote_code=False, max_model_len=512)
+    _REPLICA["runner"] = family_for(source).runner("cpu", dtype)
+    _REPLICA["runner"].warmup()
+
+
+def _replica_forward(items: list[Any]) -> float:
+    t0 = time.perf_counter()
+    _REPLICA["runner"].forward(items)
+    return time.perf_counter() - t0
+
+
+def _replica_vectors(items: list[Any]) -> list[Any]:
+    from lateserve.server.engine.types import Task
+
+    return [out[Task.TOKEN_EMBED] for out in _REPLICA["runner"].forward(items)]
+
+
+def split_tokens(items: list[Any], parts: int) -> list[list[Any]]:
+    """Longest first onto the lightest part: the token balance the scheduler gives idle workers."""
+    out: list[list[Any]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for item in sorted(items, key=lambda w: -w.sequence.num_tokens):
+        i = load.index(min(load))
+        out[i].append(item)
+        load[i] += item.sequence.num_tokens
+    return [sorted(p, key=lambda w: w.sequence.num_tokens) for p in out if p]
+
+
 class InProcess(Target):
-    """The family runner called directly on the batch a request (or `c` requests at once) makes:
-    query + 20 documents tokenized, sorted by length as the scheduler sorts them. Forward only."""
+    """The bare forward in the server's replica layout (the same workers x threads as `lateserve serve`
+    picks, one process each, no server): the batch a request makes (query + 20 documents, or c requests'
+    worth) shared out over the replicas by tokens, as the scheduler shares it over idle workers; the
+    request time is the slowest replica's. Forward only: no tokenization, transport or MaxSim."""
 
     name = "in-process"
     mixes = ("rerank-cold",)
 
     def __init__(self, args: argparse.Namespace, dtype: str, workload: Workload) -> None:
-        import torch
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
+        from lateserve.server.config import checkpoint_bytes, worker_layout
         from lateserve.server.engine.types import EncodeOptions, Task, TextItem, WorkItem
         from lateserve.server.families.registry import family_for, load_source
 
-        torch.set_num_threads(args.threads)
+        cores = _core_list(args.cores)
+        self.replicas, threads = worker_layout(
+            "cpu",
+            args.workers,
+            args.threads_per_worker,
+            weight_bytes=checkpoint_bytes(args.model_dir),
+            cores=len(cores) or args.threads,
+        )
+        self.layout = f"{self.replicas} x {threads} thread(s)"
         source = load_source(str(args.model_dir), hf_overrides={}, trust_remote_code=False, max_model_len=512)
-        family = family_for(source)
-        self.processor = family.processor()
-        self.runner = family.runner("cpu", dtype)
-        self.runner.warmup()
+        self.processor = family_for(source).processor()
+        self.pool = ProcessPoolExecutor(
+            self.replicas,
+            mp_context=mp.get_context("spawn"),
+            initializer=_replica_init,
+            initargs=(str(args.model_dir), dtype, threads, cores),
+        )
+        list(self.pool.map(_replica_forward, [[] for _ in range(self.replicas)]))  # all loaded
         self.workload = workload
         self._item = lambda text: WorkItem(
             self.processor.encode(TextItem(text), EncodeOptions(), "input"), frozenset({Task.TOKEN_EMBED})
         )
 
+    def close_pool(self) -> None:
+        self.pool.shutdown()
+
     def batch(self, requests: int) -> list[Any]:
         items = []
         for n in range(requests):
             items += [self._item(t) for t in [self.workload.query(n), *self.workload.cold_documents()]]
-        return sorted(items, key=lambda w: w.sequence.num_tokens)
+        return items
 
     def vectors(self, texts: list[str]) -> list[Any]:
-        from lateserve.server.engine.types import Task
-
-        return [out[Task.TOKEN_EMBED] for out in self.runner.forward([self._item(t) for t in texts])]
+        return self.pool.submit(_replica_vectors, [self._item(t) for t in texts]).result()
 
     async def chunk(self, mix: str, concurrency: int, count: int, max_seconds: float) -> Chunk:
-        batches = [self.batch(concurrency) for _ in range(max(1, count // concurrency))]
+        batches = [split_tokens(self.batch(concurrency), self.replicas) for _ in range(max(1, count // concurrency))]
         latencies: list[float] = []
         start = time.perf_counter()
-        for b in batches:
+        for parts in batches:
             t0 = time.perf_counter()
-            self.runner.forward(b)
+            list(self.pool.map(_replica_forward, parts))
             latencies += [time.perf_counter() - t0] * concurrency
             if time.perf_counter() - start > max_seconds:
                 break
@@ -584,7 +642,7 @@ def lateserve_server(args: argparse.Namespace, dtype: str, log_dir: Path) -> Ite
         str(ROOT / ".venv/bin/lateserve"), "serve", str(args.model_dir),
         "--host", "127.0.0.1", "--port", str(http), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
         "--served-model-name", SERVED, "--max-model-len", "512", "--dtype", dtype,
-        "--workers", str(args.workers), "--threads-per-worker", str(args.threads),
+        "--workers", str(args.workers), "--threads-per-worker", str(args.threads_per_worker),
         *args.lateserve_args,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -755,8 +813,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--idle-wait", type=float, default=30.0, help="before each chunk, wait up to this long for a quiet machine"
     )
     p.add_argument("--cores", default="0-1", help="taskset core list for both servers ('' = no pinning)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: number of --cores)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="vLLM's compute threads (default: number of --cores)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="lateserve and in-process replicas (default: the server's CPU default)"
+    )
+    p.add_argument("--threads-per-worker", type=int, default=0, help="default: the server's CPU default")
     p.add_argument("--lateserve-args", default="", help="extra `lateserve serve` flags, one string")
     p.add_argument("--with-vllm", action="store_true", help="also run vLLM CPU (installed on demand)")
     p.add_argument("--vllm-venv", type=Path, default=BENCH / "vllm-venv")
@@ -786,12 +847,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ns
 
 
-def _count_cores(spec: str) -> int:
-    n = 0
-    for part in spec.split(","):
+def _core_list(spec: str) -> list[int]:
+    cores: list[int] = []
+    for part in filter(None, spec.split(",")):
         lo, _, hi = part.partition("-")
-        n += int(hi or lo) - int(lo) + 1
-    return n
+        cores += range(int(lo), int(hi or lo) + 1)
+    return cores
+
+
+def _count_cores(spec: str) -> int:
+    return len(_core_list(spec))
 
 
 def run_dtype(args: argparse.Namespace, dtype: str, workload: Workload, ref: list[Any], log_dir: Path) -> tuple[
@@ -801,7 +866,10 @@ def run_dtype(args: argparse.Namespace, dtype: str, workload: Workload, ref: lis
     with contextlib.ExitStack() as stack:
         targets: list[Target] = []
         if not args.skip_inprocess:
-            targets.append(InProcess(args, dtype, workload))
+            inprocess = InProcess(args, dtype, workload)
+            stack.callback(inprocess.close_pool)
+            print(f"  in-process replicas: {inprocess.layout}", flush=True)
+            targets.append(inprocess)
         if not args.skip_lateserve:
             http, grpc_address = stack.enter_context(lateserve_server(args, dtype, log_dir))
             targets.append(GrpcTarget("lateserve-grpc", grpc_address, workload))

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -112,3 +113,21 @@ def test_expired_deadline_drops_queued_work(busy_server: LiveServer) -> None:
         time.sleep(0.1)
     # Dropped at cut time: the six items never reached a forward pass.
     assert queue.dropped - dropped == len(waiting) and len(queue) == 0
+
+
+def test_one_request_spreads_over_idle_workers(colbert_dir: Path, colbert_channel: grpc.Channel) -> None:
+    """Two single-threaded replicas (the CPU default on two cores): one rerank request is cut into a
+    batch per idle worker, and its scores equal those of the one-worker server."""
+    docs = [text(f"Document {i} is about {'machine learning ' * (1 + i % 5)}.") for i in range(12)]
+    request = rerank_service_pb2.RerankRequest(query=text("what is machine learning"), documents=docs)
+    single = rerank_service_pb2_grpc.RerankServiceStub(colbert_channel).Rerank(request)
+    config = ServerConfig(model=str(colbert_dir), workers=2, threads_per_worker=1, max_model_len=64, doc_cache_mb=0)
+    with LiveServer(config) as live, grpc.insecure_channel(live.grpc_target) as channel:
+        before = [metrics.WORKER_BATCHES.labels(str(w))._value.get() for w in (0, 1)]
+        split = rerank_service_pb2_grpc.RerankServiceStub(channel).Rerank(request)
+        after = [metrics.WORKER_BATCHES.labels(str(w))._value.get() for w in (0, 1)]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1]
+    assert [r.index for r in split.results] == [r.index for r in single.results]
+    np.testing.assert_allclose(
+        [r.relevance_score for r in split.results], [r.relevance_score for r in single.results], rtol=1e-5
+    )

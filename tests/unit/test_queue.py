@@ -46,3 +46,20 @@ def test_cancelled_entries_are_dropped_and_counted() -> None:
     q = make([5, 5, 5, 5], cancelled={0, 2})
     assert [e.payload for e in q.cut()] == [1, 3]
     assert q.dropped == 2 and len(q) == 0 and q.queued_tokens == 0
+
+
+def test_idle_workers_share_the_waiting_tokens() -> None:
+    q: BatchQueue[int] = BatchQueue(max_batch_tokens=1000, max_batch_seqs=64, cost_model="varlen")
+    for i, n in enumerate([12, 40, 44, 50, 60, 70, 90]):
+        q.push(Entry(i, n, 0))
+    first = q.cut(parts=2)  # two idle workers: this one takes at most half of the 366 tokens
+    assert sum(e.num_tokens for e in first) <= 183 and first[0].payload == 0
+    second = q.cut(parts=1)  # the other idle worker takes the rest
+    assert sorted(e.payload for e in first + second) == list(range(7)) and len(q) == 0
+
+
+def test_a_share_never_leaves_the_oldest_entry_behind() -> None:
+    q: BatchQueue[int] = BatchQueue(max_batch_tokens=1000, max_batch_seqs=64, cost_model="varlen")
+    q.push(Entry(0, 300, 0))
+    q.push(Entry(1, 10, 0))
+    assert [e.payload for e in q.cut(parts=4)] == [0]  # over its share, it still runs

@@ -16,6 +16,7 @@ from lateserve.server import metrics
 from lateserve.server.config import (
     DEFAULT_SERVED_NAME,
     ServerConfig,
+    checkpoint_bytes,
     default_model_path,
     dtype_reason,
     resolve_device,
@@ -81,7 +82,9 @@ class Server:
         processor = family.processor()
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
-        n_workers, threads = worker_layout(device, cfg.workers, cfg.threads_per_worker)
+        n_workers, threads = worker_layout(
+            device, cfg.workers, cfg.threads_per_worker, weight_bytes=checkpoint_bytes(source.path)
+        )
         log.info(
             "serving %s (%s, %s) as %r: %d worker(s) x %d thread(s) on %s, dtype %s (%s), max_model_len %d",
             source.name, spec.architecture, spec.kind.value, name, n_workers, threads, device, dtype,

@@ -52,8 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16, amx_bf16), float32 otherwise",
     )
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--workers", type=int, default=0, help="worker processes (default: 1 on CPU, 1 per GPU)")
-    serve.add_argument("--threads-per-worker", type=int, default=0, help="default: cores / workers")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="worker processes (default: 1 per GPU; on CPU 1 per core, at most 8, fewer if memory is short)",
+    )
+    serve.add_argument(
+        "--threads-per-worker", type=int, default=0, help="torch threads per CPU worker (default: cores / workers)"
+    )
     serve.add_argument("--max-num-batched-tokens", type=int, default=8192)
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--max-queued-requests", type=int, default=1024)

@@ -14,6 +14,7 @@ BATCH_TOKENS = Histogram(
     "lateserve_batch_tokens", "Tokens per batch", buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
 )
 BATCH_SIZE = Histogram("lateserve_batch_size", "Sequences per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+WORKER_BATCHES = Counter("lateserve_worker_batches_total", "Batches sent to each worker (load balance)", ["worker"])
 REQUESTS = Counter("lateserve_grpc_requests_total", "gRPC requests by method and status code", ["method", "code"])
 REQUEST_DURATION = Histogram(
     "lateserve_request_duration_seconds",

@@ -87,21 +87,24 @@ class Batcher:
                 worker = self.pool.acquire()
                 if worker is None:
                     break
-                batch = self.queue.cut()
+                batch = self.queue.cut(parts=self.pool.idle_count)
                 if not batch:
                     break
-                task = asyncio.get_running_loop().create_task(self._run(worker, batch))
+                # Sent now, not inside the task, so the worker counts as busy before the next cut.
+                sent = worker.submit([e.payload.item for e in batch])
+                task = asyncio.get_running_loop().create_task(self._run(worker, batch, sent))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
             metrics.QUEUE_SIZE.set(len(self.queue))
             metrics.DROPPED.set(self.queue.dropped)
 
-    async def _run(self, worker: ProcessWorker, batch: list[Entry[Ticket]]) -> None:
+    async def _run(self, worker: ProcessWorker, batch: list[Entry[Ticket]], sent: asyncio.Future[BatchResult]) -> None:
         start = time.perf_counter_ns()
         metrics.BATCH_TOKENS.observe(sum(e.num_tokens for e in batch))
         metrics.BATCH_SIZE.observe(len(batch))
+        metrics.WORKER_BATCHES.labels(str(worker.spec.worker_id)).inc()
         try:
-            result: BatchResult = await worker.submit([e.payload.item for e in batch])
+            result: BatchResult = await sent
         except LateserveError as exc:
             self._fail(batch, exc)
             return

@@ -68,14 +68,17 @@ class BatchQueue(Generic[T]):
             self.queued_tokens -= dropped.num_tokens
             self.dropped += 1
 
-    def cut(self) -> list[Entry[T]]:
+    def cut(self, parts: int = 1) -> list[Entry[T]]:
         """The next batch, sorted by length (empty when nothing is waiting).
 
         The oldest entry always goes in, even alone over budget, so no input waits forever.
+        `parts` > 1 (that many workers idle) caps the batch at its share of the waiting tokens, so
+        one request's sequences spread over the idle workers instead of queueing behind one.
         """
         self._drop_cancelled_head()
         if not self._entries:
             return []
+        share = -(-self.queued_tokens // parts) if parts > 1 else self.queued_tokens
         head = self._entries[0]
         candidates: list[tuple[int, int, Entry[T]]] = []
         for pos, entry in enumerate(self._entries):
@@ -90,6 +93,8 @@ class BatchQueue(Generic[T]):
             if len(chosen) >= self.max_batch_seqs:
                 break
             if batch_cost([*lengths, entry.num_tokens], self.cost_model) > self.max_batch_tokens:
+                continue
+            if sum(lengths) + entry.num_tokens > share:
                 continue
             chosen.append(entry)
             lengths.append(entry.num_tokens)

@@ -45,6 +45,11 @@ class WorkerPool:
     def ready_count(self) -> int:
         return len(self._ready)
 
+    @property
+    def idle_count(self) -> int:
+        """Ready workers with nothing in flight: how many ways queued work can be split right now."""
+        return sum(1 for wid in self._ready if self._workers[wid].alive and not self._workers[wid].inflight)
+
     def workers(self) -> list[ProcessWorker]:
         """Live workers (tests use their pids)."""
         return [w for w in self._workers.values() if w.alive]
