@@ -179,8 +179,17 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out.pop("latencies")
+        out["latencies_ms"] = [round(x * 1e3, 2) for x in out.pop("latencies")]
         return out
+
+
+def p50_difference_interval(a: list[float], b: list[float], draws: int = 2000) -> tuple[float, float]:
+    """95 % bootstrap interval of p50(a) - p50(b) in ms: how much of a latency difference is noise."""
+    rng = random.Random(SEED)
+    diffs = sorted(
+        percentile(rng.choices(a, k=len(a)), 50) - percentile(rng.choices(b, k=len(b)), 50) for _ in range(draws)
+    )
+    return diffs[int(0.025 * draws)] * 1e3, diffs[int(0.975 * draws)] * 1e3
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -713,8 +722,9 @@ def find(results: list[Result], target: str, mix: str, dtype: str, c: int) -> Re
 def ratios(results: list[Result], dtypes: list[str], concurrency: list[int]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
-    def add(what: str, dtype: str, c: int, value: float, target: str) -> None:
-        out.append({"ratio": what, "dtype": dtype, "concurrency": c, "value": round(value, 3), "target": target})
+    def add(what: str, dtype: str, c: int, value: float, target: str, interval: str = "") -> None:
+        row = {"ratio": what, "dtype": dtype, "concurrency": c, "value": round(value, 3), "target": target}
+        out.append({**row, "interval": interval} if interval else row)
 
     for dtype in dtypes:
         for c in concurrency:
@@ -734,8 +744,10 @@ def ratios(results: list[Result], dtypes: list[str], concurrency: list[int]) -> 
                     add(what, dtype, c, ra.docs_s / rb.docs_s, goal)
             for mix in ("rerank-cold", "rerank-warm"):
                 ra, rb = get[(http, mix)], get[(grpc_, mix)]
-                if ra and rb:
-                    add(f"{mix} p50 ms, HTTP - gRPC", dtype, c, ra.p50_ms - rb.p50_ms, "<= 2 ms")
+                if ra and rb and ra.latencies and rb.latencies:
+                    lo, hi = p50_difference_interval(ra.latencies, rb.latencies)
+                    what = f"{mix} p50 ms, HTTP - gRPC"
+                    add(what, dtype, c, ra.p50_ms - rb.p50_ms, "<= 2 ms", f"95 % CI [{lo:+.1f}, {hi:+.1f}]")
     return out
 
 
@@ -751,9 +763,12 @@ def markdown(results: list[Result], ratio_rows: list[dict[str, Any]], accuracy_r
             f"{r.docs_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {max(r.load_1m, default=math.nan):.2f} | "
             f"{max(r.busy_before_pct, default=math.nan):.0f} |"
         )
-    lines += ["", "| ratio | dtype | c | value | target |", "|---|---|---|---|---|"]
+    lines += ["", "| ratio | dtype | c | value | target | noise |", "|---|---|---|---|---|---|"]
     for row in ratio_rows:
-        lines.append(f"| {row['ratio']} | {row['dtype']} | {row['concurrency']} | {row['value']} | {row['target']} |")
+        lines.append(
+            f"| {row['ratio']} | {row['dtype']} | {row['concurrency']} | {row['value']} | {row['target']} "
+            f"| {row.get('interval', '')} |"
+        )
     if accuracy_rows:
         lines += [
             "",

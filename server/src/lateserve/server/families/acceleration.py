@@ -8,17 +8,21 @@ weights prepacked once runs the model's float32 GEMMs at ~200 GFLOP/s against 13
 
 - a transformers `BertModel` (encoder, absolute positions) becomes `FastBertModel`: the same call
   (`input_ids`, `attention_mask`, `token_type_ids`) and `.last_hidden_state`, computed over the real
-  tokens only (rows packed, no padding through the linears), with fused QKV and GELU-fused oneDNN
+  tokens only (rows packed, no padding through the linears), with fused projections and GELU-fused oneDNN
   linears. Attention runs per sequence on the packed rows; batches of many short sequences, or with
   masked positions inside a sequence, use one padded SDPA call masked exactly as transformers masks.
 - anything else has its `nn.Linear` layers swapped for `PackedLinear` (oneDNN, prepacked).
 
 Numerics: float32 stays float32 everywhere (differences to transformers come from summation order
-only, ~1e-6 on normalised token vectors). bfloat16 runs the feed-forward matmuls (2/3 of the FLOPs) on
-bf16 weights and inputs, accumulating in float32 inside oneDNN; the attention projections, embeddings,
-residual adds, LayerNorm, softmax/attention, the projection head and normalisation stay float32, which
-keeps every token's vector at cosine >= 0.9999 against float32 on all-MiniLM-L6-v2 (0.99995; with the
-attention projections in bf16 too, `bf16_attention_projections=True`, it is ~20 % faster but 0.99983).
+only, ~1e-6 on normalised token vectors). bfloat16 runs every matmul but the attention *key*
+projection on bf16 weights and inputs (83 % of the FLOPs), accumulating in float32 inside oneDNN;
+embeddings, the key projection, residual adds, LayerNorm, softmax/attention, the projection head and
+normalisation stay float32. Why the key: a rounding error in a key moves the logits of every query
+that attends to it; of the six matmuls measured one at a time in bf16 on all-MiniLM-L6-v2, the key
+projection's had the worst per-token tail, and with it in bf16 too the worst token falls below the
+0.9999 cosine bar (0.99988 on the benchmark request; this policy: 0.99995, the same worst token as
+the earlier feed-forward-only policy, and 14 % faster; docs/benchmarks.md). `BF16_MATMULS` names the policy;
+`FastBertModel(..., bf16_matmuls=...)` takes another for experiments (bench/bench_forward.py).
 float16 has no fast path here: the module is cast as before.
 """
 
@@ -36,6 +40,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+# Which BERT matmuls run in bf16 when the compute dtype is bfloat16: the query, value and output
+# projections of attention, and the feed-forward ("ffn", up and down). The key projection stays float32.
+BF16_MATMULS = frozenset({"query", "value", "output", "ffn"})
 
 
 def onednn_available() -> bool:
@@ -103,22 +110,47 @@ def _layer_norm(x: torch.Tensor, ln: Any) -> torch.Tensor:
 
 
 class _Layer(nn.Module):
-    """One BERT layer's weights, ready for the packed forward (LayerNorms kept in float32)."""
+    """One BERT layer's weights, ready for the packed forward (LayerNorms kept in float32).
 
-    def __init__(self, layer: Any, compute: torch.dtype, gelu: str, attention_compute: torch.dtype) -> None:
+    Query, key and value projections that share a dtype are fused into one GEMM (`qkv_groups`: the
+    projection names each GEMM produces, in order).
+    """
+
+    def __init__(self, layer: Any, compute: torch.dtype, gelu: str, bf16: frozenset[str]) -> None:
         super().__init__()
         attn = layer.attention.self
-        q, k, v = attn.query, attn.key, attn.value
-        self.qkv = PackedLinear(
-            torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]), attention_compute
+
+        def dtype_of(name: str) -> torch.dtype:
+            return compute if name in bf16 else torch.float32
+
+        groups: dict[torch.dtype, list[str]] = {}
+        for name in ("query", "key", "value"):
+            groups.setdefault(dtype_of(name), []).append(name)
+        self.qkv_groups = [tuple(names) for names in groups.values()]
+        self.qkv = nn.ModuleList(
+            PackedLinear(
+                torch.cat([getattr(attn, n).weight for n in names]),
+                torch.cat([getattr(attn, n).bias for n in names]),
+                dtype,
+            )
+            for dtype, names in groups.items()
         )
         out = layer.attention.output.dense
-        self.attn_out = PackedLinear(out.weight, out.bias, attention_compute)
+        self.attn_out = PackedLinear(out.weight, out.bias, dtype_of("output"))
         self.ln1 = layer.attention.output.LayerNorm.float()
         dense = layer.intermediate.dense
-        self.up = PackedLinear(dense.weight, dense.bias, compute, gelu, float_output=False)
-        self.down = PackedLinear(layer.output.dense.weight, layer.output.dense.bias, compute)
+        ffn = dtype_of("ffn")
+        self.up = PackedLinear(dense.weight, dense.bias, ffn, gelu, float_output=False)
+        self.down = PackedLinear(layer.output.dense.weight, layer.output.dense.bias, ffn)
         self.ln2 = layer.output.LayerNorm.float()
+
+    def project(self, x: torch.Tensor, heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+        """(query, key, value), each [tokens, heads, head_dim] float32 (views into the GEMM outputs)."""
+        parts: dict[str, torch.Tensor] = {}
+        for names, linear in zip(self.qkv_groups, self.qkv, strict=True):
+            y = linear(x).view(x.shape[0], len(names), heads, head_dim)
+            parts.update(zip(names, y.unbind(1), strict=True))
+        return parts["query"], parts["key"], parts["value"]
 
 
 class FastBertModel(nn.Module):
@@ -130,7 +162,7 @@ class FastBertModel(nn.Module):
     varlen_max_batch = 64
     varlen_min_mean_tokens = 32
 
-    def __init__(self, bert: Any, compute_dtype: torch.dtype, *, bf16_attention_projections: bool = False) -> None:
+    def __init__(self, bert: Any, compute_dtype: torch.dtype, *, bf16_matmuls: frozenset[str] = BF16_MATMULS) -> None:
         super().__init__()
         config = bert.config
         emb = bert.embeddings
@@ -145,10 +177,7 @@ class FastBertModel(nn.Module):
         self.token_type = emb.token_type_embeddings.weight.detach().float()
         self.ln0 = emb.LayerNorm.float()
         gelu = "gelu" if _GELU[config.hidden_act] == "none" else "gelu_tanh"
-        # bfloat16: the feed-forward matmuls (2/3 of the FLOPs) always; the attention projections
-        # (QKV, output) only when asked, since they carry most of the bf16 error into the scores.
-        attention = compute_dtype if bf16_attention_projections else torch.float32
-        self._layer_list = [_Layer(layer, compute_dtype, gelu, attention) for layer in bert.encoder.layer]
+        self._layer_list = [_Layer(layer, compute_dtype, gelu, bf16_matmuls) for layer in bert.encoder.layer]
         self.layers = nn.ModuleList(self._layer_list)
         self.pad_id = int(config.pad_token_id or 0)
 
@@ -211,23 +240,30 @@ class FastBertModel(nn.Module):
         out = x if full else x.new_zeros(batch * width, self.hidden).index_copy_(0, flat, x)
         return SimpleNamespace(last_hidden_state=out.view(batch, width, self.hidden))
 
-    def _attention_varlen(self, qkv: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-        """Attention sequence by sequence over packed rows: [tokens, 3 * hidden] -> [tokens, hidden]."""
-        tokens = qkv.shape[0]
-        parts = qkv.view(tokens, 3, self.heads, self.head_dim)
-        out = qkv.new_empty(tokens, self.heads, self.head_dim)
+    def _attention_varlen(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Attention sequence by sequence over packed rows: [tokens, heads, head_dim] each -> [tokens, hidden]."""
+        tokens = q.shape[0]
+        out = q.new_empty(tokens, self.heads, self.head_dim)
         for a, b in spans:
-            q, k, v = parts[a:b].permute(1, 2, 0, 3).unbind(0)  # [heads, n, head_dim] each
-            scores = torch.matmul(q, k.transpose(1, 2)).mul_(self.scale)
-            out[a:b] = torch.matmul(scores.softmax(dim=-1), v).transpose(0, 1)
+            scores = torch.matmul(q[a:b].transpose(0, 1), k[a:b].permute(1, 2, 0)).mul_(self.scale)
+            out[a:b] = torch.matmul(scores.softmax(dim=-1), v[a:b].transpose(0, 1)).transpose(0, 1)
         return out.view(tokens, self.hidden)
 
     def _attention_padded(
-        self, qkv: torch.Tensor, flat: torch.Tensor, batch: int, width: int, key_mask: torch.Tensor | None, full: bool
+        self,
+        qkv: tuple[torch.Tensor, ...],
+        flat: torch.Tensor,
+        batch: int,
+        width: int,
+        key_mask: torch.Tensor | None,
+        full: bool,
     ) -> torch.Tensor:
+        packed = torch.stack(qkv, dim=1).view(-1, 3 * self.hidden)  # [tokens, 3 * hidden]
         if not full:
-            qkv = qkv.new_zeros(batch * width, 3 * self.hidden).index_copy_(0, flat, qkv)
-        q, k, v = qkv.view(batch, width, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            packed = packed.new_zeros(batch * width, 3 * self.hidden).index_copy_(0, flat, packed)
+        q, k, v = packed.view(batch, width, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [batch, heads, width, head_dim]
         ctx = ctx.transpose(1, 2).reshape(batch * width, self.hidden)
         return ctx if full else ctx.index_select(0, flat)
@@ -243,11 +279,11 @@ class FastBertModel(nn.Module):
         key_mask: torch.Tensor | None,
         full: bool,
     ) -> torch.Tensor:
-        qkv = layer.qkv(x)  # [tokens, 3 * hidden] float32: attention runs in float32
+        q, k, v = layer.project(x, self.heads, self.head_dim)  # float32: attention runs in float32
         if spans is not None:
-            ctx = self._attention_varlen(qkv, spans)
+            ctx = self._attention_varlen(q, k, v, spans)
         else:
-            ctx = self._attention_padded(qkv, flat, batch, width, key_mask, full)
+            ctx = self._attention_padded((q, k, v), flat, batch, width, key_mask, full)
         h = _layer_norm(layer.attn_out(ctx) + x, layer.ln1)
         return _layer_norm(layer.down(layer.up(h)) + h, layer.ln2)
 
@@ -264,7 +300,7 @@ def optimize_for_cpu(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     if FastBertModel.supports(module):
         log.info(
             "CPU fast path: unpadded BERT forward, oneDNN linears, %s",
-            "bfloat16 feed-forward matmuls, float32 elsewhere" if dtype == torch.bfloat16 else "float32",
+            "bfloat16 matmuls except the attention key projection" if dtype == torch.bfloat16 else "float32",
         )
         return FastBertModel(module, dtype)
     log.info("CPU fast path: oneDNN linears, %s matmuls", dtype)

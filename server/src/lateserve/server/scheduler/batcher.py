@@ -87,6 +87,8 @@ class Batcher:
                 worker = self.pool.acquire()
                 if worker is None:
                     break
+                # Idle workers share what is waiting (a lone request uses every core); a busy worker's
+                # prefetch takes a full batch. Sharing over busy workers too was 7 % slower at c=8.
                 batch = self.queue.cut(parts=self.pool.idle_count)
                 if not batch:
                     break
