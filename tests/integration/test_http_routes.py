@@ -256,3 +256,61 @@ def test_wrong_content_type(colbert_server: LiveServer) -> None:
     assert json.loads(info.value.read()) == envelope(
         400, "BadRequestError", "Unsupported Media Type: Only 'application/json' is allowed"
     )
+
+
+@pytest.fixture(scope="module")
+def sidecar(colbert_server: LiveServer) -> Any:
+    """`lateserve gateway` in its own process, reaching the same server over a real gRPC channel."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "lateserve.server", "gateway", "--grpc-target", colbert_server.grpc_target]
+    proc = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--port", str(port)], stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        yield type("Sidecar", (), {"http_url": url})()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+SAME_ANSWERS = [
+    ("/rerank", {"model": MODEL, "query": QUERY, "documents": DOCS, "top_n": 2}, 200),
+    ("/score", {"model": MODEL, "queries": [QUERY], "documents": DOCS[:2]}, 200),
+    ("/pooling", {"model": MODEL, "input": DOCS[:1], "task": "token_embed", "encoding_format": "base64"}, 200),
+    ("/tokenize", {"model": MODEL, "prompt": QUERY}, 200),
+    ("/rerank", {"model": "no-such-model", "query": QUERY, "documents": DOCS}, 404),
+    ("/rerank", {"model": MODEL, "query": "word " * 200, "documents": DOCS}, 400),  # over max_model_len
+    ("/score", {"model": MODEL, "queries": [QUERY, QUERY], "documents": DOCS}, 400),  # pairing mismatch
+    ("/pooling", {"model": MODEL, "input": DOCS, "task": "token_embed", "embedding_mode": "sideways"}, 400),
+    ("/pooling", {"model": MODEL, "input": DOCS, "task": "embed"}, 400),  # unsupported task
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status"), SAME_ANSWERS, ids=[f"{a[0]}-{a[2]}" for a in SAME_ANSWERS])
+def test_in_process_gateway_answers_like_the_sidecar(
+    colbert_server: LiveServer, sidecar: Any, path: str, body: Any, status: int
+) -> None:
+    """The gateway inside `lateserve serve` calls the servicers directly (no loopback channel); a
+    `lateserve gateway` sidecar goes through gRPC. Same status, same bytes (but the `created` clock)."""
+    inside = call(colbert_server, path, body, x_request_id="same-id")
+    outside = call(sidecar, path, body, x_request_id="same-id")
+    assert inside.status == outside.status == status
+    a, b = inside.json(), outside.json()
+    for doc in (a, b):
+        doc.pop("created", None)
+    assert a == b
+    if inside.status != 200:
+        assert a["error"]["code"] == inside.status and a["error"]["message"]

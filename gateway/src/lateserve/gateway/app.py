@@ -48,18 +48,26 @@ async def grpc_channel_ctx(app: web.Application) -> AsyncIterator[None]:
         await channel.close(grace=None)
 
 
-def create_app(config: GatewayConfig) -> web.Application:
-    """The gateway app. The error middleware is listed first, so it is outermost."""
+def create_app(config: GatewayConfig, stubs: Stubs | None = None) -> web.Application:
+    """The gateway app. The error middleware is listed first, so it is outermost.
+
+    `stubs` replaces the gRPC channel to `config.grpc_target` (the server passes its servicers when
+    the gateway runs in its process; they take and return the same lateserve.v1 messages)."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware, metrics_middleware])
     app[CONFIG] = config
     app[METRICS] = GatewayMetrics()
-    app.cleanup_ctx.append(grpc_channel_ctx)
+    if stubs is None:
+        app.cleanup_ctx.append(grpc_channel_ctx)
+    else:
+        app[STUBS] = stubs
     for table in (rerank_routes, score_routes, pooling_routes, embeddings_routes, tokenize_routes, health.routes):
         app.add_routes(table)
     return app
 
 
-async def start_gateway(config: GatewayConfig, *, shutdown_timeout: float = 10.0) -> web.AppRunner:
+async def start_gateway(
+    config: GatewayConfig, *, stubs: Stubs | None = None, shutdown_timeout: float = 10.0
+) -> web.AppRunner:
     """Serves the gateway on the running event loop and returns its runner.
 
     Handlers are cancelled when their client disconnects, which cancels the in-flight gRPC
@@ -67,10 +75,11 @@ async def start_gateway(config: GatewayConfig, *, shutdown_timeout: float = 10.0
     `runner.addresses`.
     """
     runner = web.AppRunner(
-        create_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+        create_app(config, stubs), handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
     )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
-    logger.info("gateway listening on %s, forwarding to %s", runner.addresses, config.grpc_target)
+    target = config.grpc_target if stubs is None else "the servicers in this process"
+    logger.info("gateway listening on %s, forwarding to %s", runner.addresses, target)
     return runner

@@ -65,6 +65,7 @@ class Server:
         self._batcher: Batcher | None = None
         self._health: HealthState | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
+        self._servicers: dict[str, Any] = {}
 
     async def start(self) -> None:
         cfg = self.config
@@ -150,21 +151,31 @@ class Server:
             options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
         )
         assert self._health is not None
-        rerank_service_pb2_grpc.add_RerankServiceServicer_to_server(RerankServicer(served), server)
-        score_service_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(served), server)
-        pool_service_pb2_grpc.add_PoolServiceServicer_to_server(PoolServicer(served), server)
-        embed_service_pb2_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(served), server)
-        tokenize_service_pb2_grpc.add_TokenizeServiceServicer_to_server(TokenizeServicer(served), server)
-        info_service_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(info), server)
+        s = self._servicers = {
+            "rerank": RerankServicer(served),
+            "score": ScoreServicer(served),
+            "pool": PoolServicer(served),
+            "embed": EmbedServicer(served),
+            "tokenize": TokenizeServicer(served),
+            "info": InfoServicer(info),
+            "health": self._health.servicer,
+        }
+        rerank_service_pb2_grpc.add_RerankServiceServicer_to_server(s["rerank"], server)
+        score_service_pb2_grpc.add_ScoreServiceServicer_to_server(s["score"], server)
+        pool_service_pb2_grpc.add_PoolServiceServicer_to_server(s["pool"], server)
+        embed_service_pb2_grpc.add_EmbedServiceServicer_to_server(s["embed"], server)
+        tokenize_service_pb2_grpc.add_TokenizeServiceServicer_to_server(s["tokenize"], server)
+        info_service_pb2_grpc.add_InfoServiceServicer_to_server(s["info"], server)
         from grpc_health.v1 import health_pb2_grpc
 
-        health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(s["health"], server)
         reflection.enable_server_reflection((*ALL_SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
         return server
 
     async def _start_gateway(self) -> None:
         from lateserve.gateway.app import start_gateway
         from lateserve.gateway.config import GatewayConfig
+        from lateserve.server.inprocess import direct_stubs
 
         cfg = self.config
         self._gateway = await start_gateway(
@@ -174,7 +185,8 @@ class Server:
                 port=cfg.port,
                 max_body_bytes=cfg.max_body_bytes,
                 grpc_max_message_bytes=cfg.max_message_bytes,
-            )
+            ),
+            stubs=direct_stubs(**self._servicers),
         )
         addresses = getattr(self._gateway, "addresses", [])
         self.http_port = int(addresses[0][1]) if addresses else cfg.port
