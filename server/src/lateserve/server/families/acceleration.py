@@ -18,12 +18,13 @@ only, ~1e-6 on normalised token vectors). bfloat16 runs every matmul but the att
 projection on bf16 weights and inputs (83 % of the FLOPs), accumulating in float32 inside oneDNN;
 embeddings, the key projection, residual adds, LayerNorm, softmax/attention, the projection head and
 normalisation stay float32. Why the key: a rounding error in a key moves the logits of every query
-that attends to it. Measured one matmul at a time in bf16 on all-MiniLM-L6-v2, the key projection
-cost the most accuracy per FLOP (alone it moved the worst token as far as the four times larger
-feed-forward up-projection), and with it in bf16 too the worst token falls below the 0.9999 cosine
-bar (0.99988 on the benchmark request; this policy: 0.99995, the same worst token on a longer text set
-as the earlier feed-forward-only policy, and 14 % faster; docs/benchmarks.md). `BF16_MATMULS` names the policy;
-`FastBertModel(..., bf16_matmuls=...)` takes another for experiments (bench/bench_forward.py).
+that attends to it. One matmul at a time in bf16 on all-MiniLM-L6-v2, the key projection alone takes
+the worst token of a longer text set to 0.99993 (query, value, output: 0.99998-0.99999), and with it
+in bf16 too the worst token of the benchmark request falls below the 0.9999 cosine bar (0.99989). This
+policy: 0.99995 on that request, the same worst token on the longer set as the earlier
+feed-forward-only policy (0.99988 vs 0.99989), 15 % faster (docs/benchmarks.md section 5).
+`BF16_MATMULS` names the policy; `FastBertModel(..., bf16_matmuls=...)` takes another for
+experiments (bench/bench_forward.py).
 float16 has no fast path here: the module is cast as before.
 """
 
