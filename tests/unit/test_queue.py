@@ -63,12 +63,3 @@ def test_a_share_never_leaves_the_oldest_entry_behind() -> None:
     q.push(Entry(0, 300, 0))
     q.push(Entry(1, 10, 0))
     assert [e.payload for e in q.cut(parts=4)] == [0]  # over its share, it still runs
-
-
-def test_unpadded_batches_keep_arrival_order() -> None:
-    """varlen: no padding to save, so a request's sequences (pushed together) stay together."""
-    q: BatchQueue[int] = BatchQueue(max_batch_tokens=100, max_batch_seqs=64, cost_model="varlen")
-    for i, n in enumerate([10, 50, 12, 30, 11, 40]):  # two requests of three: 0-2 and 3-5
-        q.push(Entry(i, n, 0))
-    assert [e.payload for e in q.cut()] == [0, 2, 1]  # 3 would make 102 > 100; sorted by length for the worker
-    assert [e.payload for e in q.cut()] == [4, 3, 5]

@@ -108,11 +108,7 @@ class Server:
             ],
             load_timeout_s=cfg.load_timeout_seconds,
         )
-        queue: BatchQueue[Ticket] = BatchQueue(
-            max(cfg.max_num_batched_tokens, spec.max_model_len),
-            cfg.max_num_seqs,
-            cost_model="varlen" if family.unpadded(device, dtype) else "padded",
-        )
+        queue: BatchQueue[Ticket] = BatchQueue(max(cfg.max_num_batched_tokens, spec.max_model_len), cfg.max_num_seqs)
         self._batcher = Batcher(self.pool, queue)
         self.engine = Engine(
             spec,

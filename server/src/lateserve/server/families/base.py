@@ -129,11 +129,6 @@ class Family(ABC):
     def processor(self) -> InputProcessor:
         """The tokenizer side, for the server process."""
 
-    def unpadded(self, device: str, dtype: str) -> bool:
-        """True when the runner on `device`/`dtype` computes real tokens only (no padding to a batch
-        width): then grouping similar lengths saves nothing and the scheduler keeps arrival order."""
-        return False
-
     @abstractmethod
     def runner(self, device: str, dtype: str) -> ModelRunner:
         """Load weights onto `device` in `dtype` ("float32", "float16", "bfloat16").

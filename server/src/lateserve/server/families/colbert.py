@@ -124,18 +124,6 @@ class BertColBERT(Family):
             colbert=colbert,
         )
 
-    def unpadded(self, device: str, dtype: str) -> bool:
-        """The CPU fast path (acceleration.FastBertModel) in float32/bfloat16, for the BERT configs it takes."""
-        config = self.source.config
-        return (
-            device == "cpu"
-            and dtype in ("float32", "bfloat16")
-            and config.get("model_type", "bert") == "bert"
-            and config.get("position_embedding_type", "absolute") == "absolute"
-            and config.get("hidden_act", "gelu") in ("gelu", "gelu_new", "gelu_pytorch_tanh")
-            and not config.get("is_decoder", False)
-        )
-
     def runner(self, device: str, dtype: str) -> BertRunner:
         dim = self._token_dim if self.projected else None
         return BertRunner(self.source, architecture=self.architecture, dim=dim, device=device, dtype=dtype)

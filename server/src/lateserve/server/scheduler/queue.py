@@ -2,8 +2,7 @@
 
 No asyncio, torch or processes, so cut points are unit-testable. A batch starts from the oldest
 live entry (no starvation) and is filled with the waiting entries closest to it in length, so
-padded batches waste little; for unpadded (varlen) runners it is filled in arrival order until the
-first entry that does not fit. Entries whose caller gave up are skipped and counted.
+padded batches waste little. Entries whose caller gave up are skipped and counted.
 """
 
 from __future__ import annotations
@@ -87,18 +86,15 @@ class BatchQueue(Generic[T]):
                 break
             if pos and not entry.is_cancelled():
                 candidates.append((abs(entry.num_tokens - head.num_tokens), pos, entry))
-        # Padded batches group lengths around the oldest entry; unpadded ones keep arrival order, so a
-        # request's sequences stay together and requests finish in order (lower tail latency).
-        candidates.sort(key=(lambda c: (c[0], c[1])) if self.cost_model == "padded" else (lambda c: c[1]))
+        candidates.sort(key=lambda c: (c[0], c[1]))
         chosen = [head]
         lengths = [head.num_tokens]
         for _, _, entry in candidates:
             if len(chosen) >= self.max_batch_seqs:
                 break
-            over = batch_cost([*lengths, entry.num_tokens], self.cost_model) > self.max_batch_tokens
-            if over or sum(lengths) + entry.num_tokens > share:
-                if self.cost_model == "varlen":
-                    break  # strict arrival order
+            if batch_cost([*lengths, entry.num_tokens], self.cost_model) > self.max_batch_tokens:
+                continue
+            if sum(lengths) + entry.num_tokens > share:
                 continue
             chosen.append(entry)
             lengths.append(entry.num_tokens)
