@@ -248,8 +248,24 @@ class Target:
     async def close(self) -> None:
         """Called after a scenario."""
 
-    async def send(self, mix: str, n: int) -> None:
+    workload: Workload
+
+    async def rerank(self, query: str, documents: list[str]) -> Any:
         raise NotImplementedError
+
+    async def pool(self, inputs: list[str]) -> Any:
+        raise NotImplementedError
+
+    async def send(self, mix: str, n: int) -> None:
+        """One request of `mix`: the n-th query with cold or repeated documents, or a /pooling of cold ones."""
+        if mix == "rerank-cold":
+            await self.rerank(self.workload.query(n), self.workload.cold_documents())
+        elif mix == "rerank-warm":
+            await self.rerank(self.workload.query(n), self.workload.documents)
+        elif mix == "pool":
+            await self.pool(self.workload.cold_documents())
+        else:
+            raise ValueError(mix)
 
     async def chunk(self, mix: str, concurrency: int, count: int, max_seconds: float) -> Chunk:
         return await closed_loop(lambda n: self.send(mix, n), concurrency, count, max_seconds)
@@ -324,20 +340,20 @@ class InProcess(Target):
         self.layout = f"{self.replicas} x {threads} thread(s)"
         source = load_source(str(args.model_dir), hf_overrides={}, trust_remote_code=False, max_model_len=512)
         self.processor = family_for(source).processor()
-        self.pool = ProcessPoolExecutor(
+        self.executor = ProcessPoolExecutor(
             self.replicas,
             mp_context=mp.get_context("spawn"),
             initializer=_replica_init,
             initargs=(str(args.model_dir), dtype, threads, cores),
         )
-        list(self.pool.map(_replica_forward, [[] for _ in range(self.replicas)]))  # all loaded
+        list(self.executor.map(_replica_forward, [[] for _ in range(self.replicas)]))  # all loaded
         self.workload = workload
         self._item = lambda text: WorkItem(
             self.processor.encode(TextItem(text), EncodeOptions(), "input"), frozenset({Task.TOKEN_EMBED})
         )
 
     def close_pool(self) -> None:
-        self.pool.shutdown()
+        self.executor.shutdown()
 
     def batch(self, requests: int) -> list[Any]:
         items = []
@@ -346,7 +362,7 @@ class InProcess(Target):
         return items
 
     def vectors(self, texts: list[str]) -> list[Any]:
-        return self.pool.submit(_replica_vectors, [self._item(t) for t in texts]).result()
+        return self.executor.submit(_replica_vectors, [self._item(t) for t in texts]).result()
 
     async def chunk(self, mix: str, concurrency: int, count: int, max_seconds: float) -> Chunk:
         batches = [split_tokens(self.batch(concurrency), self.replicas) for _ in range(max(1, count // concurrency))]
@@ -354,7 +370,7 @@ class InProcess(Target):
         start = time.perf_counter()
         for parts in batches:
             t0 = time.perf_counter()
-            list(self.pool.map(_replica_forward, parts))
+            list(self.executor.map(_replica_forward, parts))
             latencies += [time.perf_counter() - t0] * concurrency
             if time.perf_counter() - start > max_seconds:
                 break
@@ -409,16 +425,6 @@ class HttpTarget(Target):
 
         return [np.asarray(row["data"], dtype=np.float32) for row in json.loads(data)["data"]]
 
-    async def send(self, mix: str, n: int) -> None:
-        if mix == "rerank-cold":
-            await self.rerank(self.workload.query(n), self.workload.cold_documents())
-        elif mix == "rerank-warm":
-            await self.rerank(self.workload.query(n), self.workload.documents)
-        elif mix == "pool":
-            await self.pool(self.workload.cold_documents())
-        else:
-            raise ValueError(mix)
-
 
 class GrpcTarget(Target):
     """lateserve.v1 over one grpc.aio channel."""
@@ -470,16 +476,6 @@ class GrpcTarget(Target):
         if len(response.outputs) != len(inputs):
             raise RuntimeError(f"expected {len(inputs)} outputs, got {len(response.outputs)}")
         return [from_tensor(out.data) for out in response.outputs]
-
-    async def send(self, mix: str, n: int) -> None:
-        if mix == "rerank-cold":
-            await self.rerank(self.workload.query(n), self.workload.cold_documents())
-        elif mix == "rerank-warm":
-            await self.rerank(self.workload.query(n), self.workload.documents)
-        elif mix == "pool":
-            await self.pool(self.workload.cold_documents())
-        else:
-            raise ValueError(mix)
 
 
 async def run_scenarios(

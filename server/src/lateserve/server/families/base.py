@@ -67,6 +67,19 @@ class ModelSpec:
     score_modes: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def late_interaction(cls, architecture: str, token_dim: int, max_model_len: int) -> ModelSpec:
+        """A ColBERT-style model: token embeddings only (every ColBERT family but BGE-M3)."""
+        return cls(
+            architecture=architecture,
+            kind=ModelKind.LATE_INTERACTION,
+            tasks=frozenset({Task.TOKEN_EMBED}),
+            default_task=Task.TOKEN_EMBED,
+            token_dim=token_dim,
+            embed_dim=0,
+            max_model_len=max_model_len,
+        )
+
 
 class InputProcessor(ABC):
     """Turns request items into token sequences. Runs in the server process, on the CPU."""

@@ -16,7 +16,6 @@ from lateserve.server.engine.types import (
     EmbeddingMode,
     EncodeOptions,
     Item,
-    ModelKind,
     MultiModalItem,
     Sequence,
     Task,
@@ -91,15 +90,7 @@ class BertColBERT(Family):
         return self.architecture in _PROJECTED
 
     def spec(self) -> ModelSpec:
-        return ModelSpec(
-            architecture=self.architecture,
-            kind=ModelKind.LATE_INTERACTION,
-            tasks=frozenset({Task.TOKEN_EMBED}),
-            default_task=Task.TOKEN_EMBED,
-            token_dim=self._token_dim,
-            embed_dim=0,
-            max_model_len=self._max_model_len,
-        )
+        return ModelSpec.late_interaction(self.architecture, self._token_dim, self._max_model_len)
 
     @cached_property
     def _token_dim(self) -> int:

@@ -32,7 +32,7 @@ from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lateserve.server.engine.types import ModelKind, Sequence, Task, WorkItem
+from lateserve.server.engine.types import Sequence, Task, WorkItem
 from lateserve.server.errors import ModelLoadError
 from lateserve.server.families import loading
 from lateserve.server.families.base import Family, ModelSource, ModelSpec
@@ -185,15 +185,7 @@ class JinaColBERT(Family):
     architectures = (ARCHITECTURE,)
 
     def spec(self) -> ModelSpec:
-        return ModelSpec(
-            architecture=ARCHITECTURE,
-            kind=ModelKind.LATE_INTERACTION,
-            tasks=frozenset({Task.TOKEN_EMBED}),
-            default_task=Task.TOKEN_EMBED,
-            token_dim=self._token_dim,
-            embed_dim=0,
-            max_model_len=self._max_model_len,
-        )
+        return ModelSpec.late_interaction(ARCHITECTURE, self._token_dim, self._max_model_len)
 
     @cached_property
     def _token_dim(self) -> int:

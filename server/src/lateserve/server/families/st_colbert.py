@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lateserve.server.engine.types import ModelKind, Task
 from lateserve.server.errors import ModelLoadError
 from lateserve.server.families import loading
 from lateserve.server.families.base import Family, ModelSource, ModelSpec
@@ -76,15 +75,7 @@ class StColBERT(Family):
 
     def spec(self) -> ModelSpec:
         _ = self.model_type
-        return ModelSpec(
-            architecture=self.architecture,
-            kind=ModelKind.LATE_INTERACTION,
-            tasks=frozenset({Task.TOKEN_EMBED}),
-            default_task=Task.TOKEN_EMBED,
-            token_dim=self._token_dim,
-            embed_dim=0,
-            max_model_len=self._max_model_len,
-        )
+        return ModelSpec.late_interaction(self.architecture, self._token_dim, self._max_model_len)
 
     @cached_property
     def _main_projection(self) -> tuple[int, ...] | None:

@@ -89,15 +89,17 @@ class BatchQueue(Generic[T]):
         candidates.sort(key=lambda c: (c[0], c[1]))
         chosen = [head]
         lengths = [head.num_tokens]
+        total = head.num_tokens
         for _, _, entry in candidates:
             if len(chosen) >= self.max_batch_seqs:
                 break
             if batch_cost([*lengths, entry.num_tokens], self.cost_model) > self.max_batch_tokens:
                 continue
-            if sum(lengths) + entry.num_tokens > share:
+            if total + entry.num_tokens > share:
                 continue
             chosen.append(entry)
             lengths.append(entry.num_tokens)
+            total += entry.num_tokens
         taken = {id(e) for e in chosen}
         kept: deque[Entry[T]] = deque()
         for entry in self._entries:
