@@ -47,7 +47,7 @@ def main() -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from lateserve.server.engine.types import EncodeOptions, Task, TextItem, WorkItem
+    from lateserve.server.domain import EncodeOptions, Task, TextItem, WorkItem
     from lateserve.server.families import acceleration
     from lateserve.server.families.registry import family_for, load_source
 
@@ -179,7 +179,7 @@ def sweep(ns: argparse.Namespace) -> None:
     """Token budgets of the scheduler's batches, 8 concurrent cold 1x20 requests, same runner."""
     import torch
 
-    from lateserve.server.engine.types import EncodeOptions, Task, TextItem, WorkItem
+    from lateserve.server.domain import EncodeOptions, Task, TextItem, WorkItem
     from lateserve.server.families.registry import family_for, load_source
     from lateserve.server.scheduler.queue import BatchQueue, Entry
 

@@ -296,7 +296,7 @@ def _replica_forward(items: list[Any]) -> float:
 
 
 def _replica_vectors(items: list[Any]) -> list[Any]:
-    from lateserve.server.engine.types import Task
+    from lateserve.server.domain import Task
 
     return [out[Task.TOKEN_EMBED] for out in _REPLICA["runner"].forward(items)]
 
@@ -326,7 +326,7 @@ class InProcess(Target):
         from concurrent.futures import ProcessPoolExecutor
 
         from lateserve.server.config import checkpoint_bytes, worker_layout
-        from lateserve.server.engine.types import EncodeOptions, Task, TextItem, WorkItem
+        from lateserve.server.domain import EncodeOptions, Task, TextItem, WorkItem
         from lateserve.server.families.registry import family_for, load_source
 
         cores = _core_list(args.cores)

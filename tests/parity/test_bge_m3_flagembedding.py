@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 
 from lateserve.server.app import Server
 from lateserve.server.config import ServerConfig
-from lateserve.server.errors import ModelLoadError
+from lateserve.server.domain import ModelLoadError
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.v1 import common_pb2 as c
 from lateserve.v1 import (

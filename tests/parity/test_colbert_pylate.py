@@ -28,8 +28,7 @@ import pytest
 from grpc_status import rpc_status
 
 from lateserve.server.config import ServerConfig
-from lateserve.server.engine.types import EmbeddingMode, EncodeOptions, Task, TextItem, TokenItem, WorkItem
-from lateserve.server.errors import InvalidArgument
+from lateserve.server.domain import EmbeddingMode, EncodeOptions, InvalidArgument, Task, TextItem, TokenItem, WorkItem
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.v1 import common_pb2 as c
 from lateserve.v1 import pool_service_pb2, pool_service_pb2_grpc, score_service_pb2, score_service_pb2_grpc

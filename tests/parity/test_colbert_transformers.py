@@ -18,20 +18,22 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
-from lateserve.server.engine.types import (
+from lateserve.server.domain import (
     EmbeddingMode,
     EncodeOptions,
     ImagePart,
+    InvalidArgument,
+    ModelLoadError,
     MultiModalItem,
     Task,
     TextItem,
     TextPart,
     TokenItem,
     TruncationSide,
+    Unimplemented,
     WorkItem,
 )
-from lateserve.server.engine.types import Sequence as Seq
-from lateserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented
+from lateserve.server.domain import Sequence as Seq
 from lateserve.server.families.base import Family, InputProcessor, ModelRunner
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.wire import status as reasons

@@ -23,8 +23,7 @@ import pytest
 import torch
 
 from lateserve.server.config import ServerConfig
-from lateserve.server.engine.types import EmbeddingMode, EncodeOptions, Task, TextItem, WorkItem
-from lateserve.server.errors import ModelLoadError
+from lateserve.server.domain import EmbeddingMode, EncodeOptions, ModelLoadError, Task, TextItem, WorkItem
 from lateserve.server.families import jina_colbert
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.v1 import common_pb2 as c

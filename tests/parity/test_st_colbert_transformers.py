@@ -22,8 +22,7 @@ from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer
 
 from lateserve.server.config import ServerConfig
-from lateserve.server.engine.types import EncodeOptions, Task, TextItem, WorkItem
-from lateserve.server.errors import ModelLoadError
+from lateserve.server.domain import EncodeOptions, ModelLoadError, Task, TextItem, WorkItem
 from lateserve.server.families.base import ModelRunner
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.v1 import common_pb2 as c

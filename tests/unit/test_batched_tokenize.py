@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lateserve.server.engine.types import EmbeddingMode, EncodeOptions, TextItem, TruncationSide
+from lateserve.server.domain import EmbeddingMode, EncodeOptions, TextItem, TruncationSide
 from lateserve.server.families.registry import family_for, load_source
 
 TEXTS = [

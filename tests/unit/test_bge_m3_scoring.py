@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lateserve.server.domain import InvalidArgument
 from lateserve.server.engine.lexical import LexicalSpec, lexical_score, lexical_weights, trimmed_span
 from lateserve.server.engine.scoring import (
     DEFAULT_WEIGHTS,
@@ -17,7 +18,6 @@ from lateserve.server.engine.scoring import (
     parse_score_mode,
     weighted_score,
 )
-from lateserve.server.errors import InvalidArgument
 from tests.fixtures.bge_m3 import write_bge_m3
 
 MODES = ("dense", "sparse", "colbert", "weighted")

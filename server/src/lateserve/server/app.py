@@ -23,8 +23,8 @@ from lateserve.server.config import (
     resolve_dtype,
     worker_layout,
 )
+from lateserve.server.domain import ModelKind
 from lateserve.server.engine.engine import Engine
-from lateserve.server.engine.types import ModelKind
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.server.health import ALL_SERVICES, HealthState
 from lateserve.server.scheduler.batcher import Batcher, Ticket

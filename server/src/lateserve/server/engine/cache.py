@@ -12,7 +12,7 @@ import hashlib
 from collections import OrderedDict
 
 from lateserve.server import metrics
-from lateserve.server.engine.types import ItemOutputs, WorkItem
+from lateserve.server.domain import ItemOutputs, WorkItem
 
 
 def cache_key(model: str, item: WorkItem) -> bytes:

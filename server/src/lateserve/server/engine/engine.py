@@ -13,21 +13,27 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 
 from lateserve.server import metrics
-from lateserve.server.engine.cache import DocumentCache, cache_key
-from lateserve.server.engine.types import (
+from lateserve.server.domain import (
     EmbeddingMode,
     EncodeOptions,
+    InputTooLong,
+    InvalidArgument,
     Item,
     ItemOutputs,
+    ModelSpec,
+    Overloaded,
+    Role,
     Sequence,
+    ShuttingDown,
     Task,
     Timings,
+    UnsupportedTask,
     WorkItem,
 )
-from lateserve.server.errors import InputTooLong, InvalidArgument, Overloaded, ShuttingDown, UnsupportedTask
-from lateserve.server.families.base import InputProcessor, ModelSpec, Role
+from lateserve.server.engine.cache import DocumentCache, cache_key
+from lateserve.server.families.base import InputProcessor
 from lateserve.server.scheduler.batcher import Batcher
-from lateserve.wire import status as reasons
+from lateserve.wire import reasons
 
 
 @dataclass(slots=True)

@@ -22,32 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
-from lateserve.server.engine.types import Array
+from lateserve.server.domain import Array, LexicalSpec, trimmed_span
 
-
-@dataclass(frozen=True, slots=True)
-class LexicalSpec:
-    """What a sparse model's lexical weights need; present in ModelSpec.extra["lexical"] when the model has one."""
-
-    bos_token_id: int | None
-    """Dropped from the front of token_classify outputs when the sequence starts with it."""
-    eos_token_id: int | None
-    """Dropped from the end of token_classify outputs when the sequence ends with it."""
-    skip_ids: frozenset[int]
-    """Ids never reported as lexical weights (FlagEmbedding: cls, eos, pad and unk)."""
-
-
-def trimmed_span(ids: Seq[int], bos_token_id: int | None, eos_token_id: int | None) -> tuple[int, int]:
-    """[start, end) of the positions kept when a leading BOS and a trailing EOS are removed.
-
-    Each check looks at the sequence as given, as vLLM's BOSEOSFilter does: `[0]` alone loses its BOS
-    and `[2]` alone its EOS; a lone token that is both is removed once.
-    """
-    start = 1 if ids and bos_token_id is not None and ids[0] == bos_token_id else 0
-    end = len(ids) - 1 if ids and eos_token_id is not None and ids[-1] == eos_token_id else len(ids)
-    return start, max(start, end)
+__all__ = ["LexicalSpec", "lexical_score", "lexical_weights", "trimmed_span"]
 
 
 def lexical_weights(ids: Seq[int], weights: Array, spec: LexicalSpec) -> list[tuple[int, float]]:

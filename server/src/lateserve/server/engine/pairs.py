@@ -16,8 +16,20 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 
+from lateserve.server.domain import (
+    Array,
+    EmbeddingMode,
+    EncodeOptions,
+    InvalidArgument,
+    Item,
+    LexicalSpec,
+    ModelKind,
+    Task,
+    Timings,
+    Unimplemented,
+)
 from lateserve.server.engine.engine import EncodeResult, Engine
-from lateserve.server.engine.lexical import LexicalSpec, lexical_score, lexical_weights
+from lateserve.server.engine.lexical import lexical_score, lexical_weights
 from lateserve.server.engine.scoring import (
     DEFAULT_WEIGHTS,
     WEIGHTED,
@@ -29,8 +41,6 @@ from lateserve.server.engine.scoring import (
     parse_score_mode,
     weighted_score,
 )
-from lateserve.server.engine.types import Array, EmbeddingMode, EncodeOptions, Item, ModelKind, Task, Timings
-from lateserve.server.errors import InvalidArgument, Unimplemented
 
 
 @dataclass(slots=True)
@@ -68,7 +78,7 @@ def _mode_tasks(engine: Engine, mode: ScoreMode) -> frozenset[Task]:
     tasks = MODE_TASKS.get(mode.name)
     if tasks is None:
         raise Unimplemented(f"score_mode {mode.name!r} is listed by {engine.spec.architecture} but not implemented")
-    if Task.TOKEN_CLASSIFY in tasks and not isinstance(engine.spec.extra.get("lexical"), LexicalSpec):
+    if Task.TOKEN_CLASSIFY in tasks and not isinstance(engine.spec.lexical, LexicalSpec):
         raise InvalidArgument(
             f"score_mode {mode.name!r} needs a sparse head, which {engine.spec.architecture} does not have",
             field="score_mode",
@@ -84,7 +94,7 @@ class _ModeScorer:
         self.q, self.d = q_res, d_res
         self.q_lex: list[dict[int, float]] = []
         self.d_lex: list[dict[int, float]] = []
-        lexical = engine.spec.extra.get("lexical")
+        lexical = engine.spec.lexical
         if isinstance(lexical, LexicalSpec) and Task.TOKEN_CLASSIFY in MODE_TASKS[mode.name]:
             self.q_lex = _lexical(q_res, lexical)
             self.d_lex = _lexical(d_res, lexical)

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lateserve.server.engine.types import Array
-from lateserve.server.errors import InvalidArgument
-from lateserve.wire import status as reasons
+from lateserve.server.domain import Array, InvalidArgument
+from lateserve.wire import reasons
 
 
 def maxsim(query: Array, document: Array) -> float:

@@ -12,21 +12,19 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from lateserve.server.engine.types import (
+from lateserve.server.domain import (
     EncodeOptions,
     Item,
     ItemOutputs,
-    ModelKind,
+    ModelSpec,
+    Role,
     Sequence,
-    Task,
     WorkItem,
 )
-
-Role = Literal["query", "document", "input"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,34 +49,6 @@ class ModelSource:
         with file.open(encoding="utf-8") as fh:
             data: dict[str, Any] = json.load(fh)
         return data
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSpec:
-    """What the server knows about a model without its weights."""
-
-    architecture: str
-    kind: ModelKind
-    tasks: frozenset[Task]
-    default_task: Task
-    token_dim: int
-    embed_dim: int
-    max_model_len: int
-    score_modes: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def late_interaction(cls, architecture: str, token_dim: int, max_model_len: int) -> ModelSpec:
-        """A ColBERT-style model: token embeddings only (every ColBERT family but BGE-M3)."""
-        return cls(
-            architecture=architecture,
-            kind=ModelKind.LATE_INTERACTION,
-            tasks=frozenset({Task.TOKEN_EMBED}),
-            default_task=Task.TOKEN_EMBED,
-            token_dim=token_dim,
-            embed_dim=0,
-            max_model_len=max_model_len,
-        )
 
 
 class InputProcessor(ABC):
@@ -108,7 +78,7 @@ class InputProcessor(ABC):
 
     def render_chat(self, messages: Seq[dict[str, Any]], add_generation_prompt: bool) -> str:
         """Chat messages rendered into one prompt with the chat template."""
-        from lateserve.server.errors import InvalidArgument
+        from lateserve.server.domain import InvalidArgument
 
         raise InvalidArgument("this model has no chat template; pass --chat-template", field="messages")
 

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lateserve.server.engine.types import ItemOutputs, Task, WorkItem
-from lateserve.server.errors import UnsupportedTask
+from lateserve.server.domain import ItemOutputs, Task, UnsupportedTask, WorkItem
 from lateserve.server.families.base import ModelRunner
 
 if TYPE_CHECKING:

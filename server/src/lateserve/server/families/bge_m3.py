@@ -25,11 +25,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lateserve.server.engine.lexical import LexicalSpec, trimmed_span
-from lateserve.server.engine.types import ItemOutputs, ModelKind, Sequence, Task, WorkItem
-from lateserve.server.errors import ModelLoadError, UnsupportedTask
+from lateserve.server.domain import (
+    ItemOutputs,
+    LexicalSpec,
+    ModelKind,
+    ModelLoadError,
+    ModelSpec,
+    Sequence,
+    Task,
+    UnsupportedTask,
+    WorkItem,
+    trimmed_span,
+)
 from lateserve.server.families import loading
-from lateserve.server.families.base import Family, ModelRunner, ModelSource, ModelSpec
+from lateserve.server.families.base import Family, ModelRunner, ModelSource
 from lateserve.server.families.batching import pad_batch
 from lateserve.server.families.colbert import BertProcessor
 
@@ -94,7 +103,7 @@ class BgeM3(Family):
             embed_dim=self._hidden,
             max_model_len=self._max_model_len,
             score_modes=SCORE_MODES,
-            extra={"lexical": self.lexical_spec()},
+            lexical=self.lexical_spec(),
         )
 
     def processor(self) -> BertProcessor:

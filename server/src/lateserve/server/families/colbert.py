@@ -12,23 +12,27 @@ from collections.abc import Sequence as Seq
 from functools import cached_property
 from typing import TYPE_CHECKING, TypeVar
 
-from lateserve.server.engine.types import (
+from lateserve.server.domain import (
     EmbeddingMode,
     EncodeOptions,
+    InvalidArgument,
     Item,
+    ModelLoadError,
+    ModelSpec,
     MultiModalItem,
+    Role,
     Sequence,
     Task,
     TextItem,
     TruncationSide,
+    Unimplemented,
     WorkItem,
 )
-from lateserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented
 from lateserve.server.families import loading
-from lateserve.server.families.base import Family, InputProcessor, ModelSource, ModelSpec, Role
+from lateserve.server.families.base import Family, InputProcessor, ModelSource
 from lateserve.server.families.batching import TokenEmbedRunner
 from lateserve.server.families.colbert_encoding import ColbertEncoder
-from lateserve.wire import status as reasons
+from lateserve.wire import reasons
 
 if TYPE_CHECKING:
     import torch

@@ -30,8 +30,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from lateserve.server.engine.types import EmbeddingMode, EncodeOptions, Item, Sequence, TextItem
-from lateserve.server.errors import InvalidArgument, ModelLoadError
+from lateserve.server.domain import (
+    EmbeddingMode,
+    EncodeOptions,
+    InvalidArgument,
+    Item,
+    ModelLoadError,
+    Sequence,
+    TextItem,
+)
 from lateserve.server.families.base import ModelSource
 
 if TYPE_CHECKING:

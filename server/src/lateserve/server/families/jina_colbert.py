@@ -32,10 +32,9 @@ from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lateserve.server.engine.types import Sequence, Task, WorkItem
-from lateserve.server.errors import ModelLoadError
+from lateserve.server.domain import ModelLoadError, ModelSpec, Sequence, Task, WorkItem
 from lateserve.server.families import loading
-from lateserve.server.families.base import Family, ModelSource, ModelSpec
+from lateserve.server.families.base import Family, ModelSource
 from lateserve.server.families.batching import TokenEmbedRunner
 from lateserve.server.families.colbert import BertProcessor, projection_dim
 from lateserve.server.families.colbert_encoding import STANFORD_METADATA, ColbertEncoder

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lateserve.server.errors import ModelLoadError
+from lateserve.server.domain import ModelLoadError
 from lateserve.server.families.base import ModelSource
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from lateserve.server.errors import ModelLoadError
+from lateserve.server.domain import ModelLoadError
 from lateserve.server.families.base import Family, ModelSource
 
 # architecture -> (module, class). The first entry of config.architectures that is known wins.

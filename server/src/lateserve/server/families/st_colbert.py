@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lateserve.server.errors import ModelLoadError
+from lateserve.server.domain import ModelLoadError, ModelSpec
 from lateserve.server.families import loading
-from lateserve.server.families.base import Family, ModelSource, ModelSpec
+from lateserve.server.families.base import Family, ModelSource
 from lateserve.server.families.colbert import BertProcessor, BertRunner
 from lateserve.server.families.colbert_encoding import PYLATE_DOCUMENT_PREFIX, PYLATE_QUERY_PREFIX, ColbertEncoder
 from lateserve.server.families.st_dense import DenseLayer, build_projector, find_dense_layers

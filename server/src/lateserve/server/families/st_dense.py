@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lateserve.server.errors import ModelLoadError
+from lateserve.server.domain import ModelLoadError
 from lateserve.server.families import loading
 from lateserve.server.families.base import ModelSource
 

@@ -13,8 +13,7 @@ import time
 from dataclasses import dataclass
 
 from lateserve.server import metrics
-from lateserve.server.engine.types import ItemOutputs, WorkItem
-from lateserve.server.errors import LateserveError, WorkerUnavailable
+from lateserve.server.domain import ItemOutputs, LateserveError, WorkerUnavailable, WorkItem
 from lateserve.server.scheduler.queue import BatchQueue, Entry
 from lateserve.server.workers.messages import BatchResult
 from lateserve.server.workers.pool import WorkerPool

@@ -8,12 +8,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from lateserve.server.engine.engine import Engine
-from lateserve.server.engine.types import (
+from lateserve.server.domain import (
     EmbeddingMode,
     EncodeOptions,
     ImagePart,
+    InvalidArgument,
     Item,
+    ModelNotFound,
     MultiModalItem,
     Part,
     Task,
@@ -23,7 +24,7 @@ from lateserve.server.engine.types import (
     TokenItem,
     TruncationSide,
 )
-from lateserve.server.errors import InvalidArgument, ModelNotFound
+from lateserve.server.engine.engine import Engine
 from lateserve.v1 import common_pb2 as pb
 
 TASKS = {

@@ -6,8 +6,7 @@ from typing import Any
 
 import grpc
 
-from lateserve.server.engine.types import Item, Task, TextItem
-from lateserve.server.errors import InvalidArgument
+from lateserve.server.domain import InvalidArgument, Item, Task, TextItem
 from lateserve.server.rpc import rpc_method
 from lateserve.server.services.convert import (
     ServedModel,
@@ -41,7 +40,7 @@ class EmbedServicer(pb_grpc.EmbedServiceServicer):
         engine.check_task(Task.EMBED)
         if request.HasField("dimensions"):
             dims = request.dimensions
-            if not engine.spec.extra.get("matryoshka") or not 0 < dims <= engine.spec.embed_dim:
+            if not engine.spec.matryoshka or not 0 < dims <= engine.spec.embed_dim:
                 raise InvalidArgument(
                     f"Model does not support matryoshka representation, changing output dimensions ({dims}) "
                     "will lead to poor results.",

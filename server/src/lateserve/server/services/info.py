@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 
 from lateserve.server import __version__
-from lateserve.server.engine.types import ModelKind, Task
+from lateserve.server.domain import ModelKind, Task
 from lateserve.server.rpc import rpc_method
 from lateserve.server.services.convert import TASK_TO_PROTO
 from lateserve.v1 import common_pb2

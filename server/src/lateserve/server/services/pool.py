@@ -8,10 +8,9 @@ from typing import Any
 
 import grpc
 
+from lateserve.server.domain import InvalidArgument, Item, LexicalSpec, Task, TextItem
 from lateserve.server.engine.engine import EncodeResult
-from lateserve.server.engine.lexical import LexicalSpec, lexical_weights
-from lateserve.server.engine.types import Item, Task, TextItem
-from lateserve.server.errors import InvalidArgument
+from lateserve.server.engine.lexical import lexical_weights
 from lateserve.server.rpc import rpc_method, rpc_stream
 from lateserve.server.services.convert import (
     TASKS,
@@ -70,7 +69,7 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
         """return_lexical_weights needs token_classify on a model with a sparse head."""
         engine = self.model.engine
         engine.check_task(task)  # token_classify unsupported: UNSUPPORTED_TASK, as without the flag
-        spec = engine.spec.extra.get("lexical")
+        spec = engine.spec.lexical
         if task is not Task.TOKEN_CLASSIFY or not isinstance(spec, LexicalSpec):
             why = f"not {task.value}" if task is not Task.TOKEN_CLASSIFY else f"{engine.spec.architecture} has none"
             raise InvalidArgument(

@@ -6,8 +6,8 @@ from typing import Any
 
 import grpc
 
+from lateserve.server.domain import InvalidArgument
 from lateserve.server.engine.pairs import score_pairs
-from lateserve.server.errors import InvalidArgument
 from lateserve.server.rpc import rpc_method
 from lateserve.server.services.convert import (
     ServedModel,

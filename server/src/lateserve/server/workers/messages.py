@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lateserve.server.engine.types import Array, ItemOutputs, Task, WorkItem
+from lateserve.server.domain import Array, ItemOutputs, Task, WorkItem
 
 
 @dataclass(frozen=True, slots=True)

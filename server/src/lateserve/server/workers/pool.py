@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from lateserve.server.errors import ModelLoadError
+from lateserve.server.domain import ModelLoadError
 from lateserve.server.workers.messages import WorkerSpec
 from lateserve.server.workers.process import ProcessWorker
 

@@ -16,8 +16,7 @@ import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from lateserve.server.engine.types import WorkItem
-from lateserve.server.errors import WorkerUnavailable
+from lateserve.server.domain import WorkerUnavailable, WorkItem
 from lateserve.server.workers.child import child_main
 from lateserve.server.workers.messages import (
     BatchFailed,

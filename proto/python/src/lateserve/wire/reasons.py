@@ -1,0 +1,27 @@
+"""Stable error reasons (google.rpc.ErrorInfo.reason) and their domain: plain strings, no grpc.
+
+The server's domain errors name these without loading grpc; `status` packs them onto the wire."""
+
+from __future__ import annotations
+
+DOMAIN = "lateserve.ai"
+
+# Stable reasons (UPPER_SNAKE, one cause each). Clients switch on these, never on messages.
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+INPUT_TOO_LONG = "INPUT_TOO_LONG"
+TRUNCATION_TOO_LARGE = "TRUNCATION_TOO_LARGE"
+EMPTY_INPUT = "EMPTY_INPUT"
+PAIRING_MISMATCH = "PAIRING_MISMATCH"
+UNSUPPORTED_TASK = "UNSUPPORTED_TASK"
+UNSUPPORTED_INPUT = "UNSUPPORTED_INPUT"
+MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+QUEUE_FULL = "QUEUE_FULL"
+WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
+SHUTTING_DOWN = "SHUTTING_DOWN"
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+INTERNAL = "INTERNAL"
+
+IMAGE_INVALID = "IMAGE_INVALID"
+MEDIA_NOT_ALLOWED = "MEDIA_NOT_ALLOWED"
+MEDIA_LIMIT = "MEDIA_LIMIT"
+TEMPLATE_ERROR = "TEMPLATE_ERROR"

@@ -1,0 +1,306 @@
+"""The server's domain: inputs, content parts, prepared inputs, tasks, options, results, errors.
+
+The bottom layer: every other layer of the server imports it, and it imports nothing of theirs (no
+proto, grpc, torch or asyncio). Each error class fixes a gRPC status code name and a default reason;
+the one mapping to google.rpc.Status is `lateserve.server.rpc.to_rpc_status`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from lateserve.wire import reasons
+
+
+class Task(StrEnum):
+    """Pooling tasks, named as vLLM names them."""
+
+    TOKEN_EMBED = "token_embed"
+    TOKEN_CLASSIFY = "token_classify"
+    EMBED = "embed"
+    CLASSIFY = "classify"
+
+
+class ModelKind(StrEnum):
+    """How a model scores a pair; picks the /score and /rerank procedure (vllm-spec 2.2)."""
+
+    LATE_INTERACTION = "late-interaction"
+    BI_ENCODER = "bi-encoder"
+    CROSS_ENCODER = "cross-encoder"
+
+
+class EmbeddingMode(StrEnum):
+    """Late-interaction input encoding: vLLM's raw text, or faithful ColBERT query/document.
+
+    AUTO is the server's choice: raw, except that /score and /rerank on a server started with
+    --scoring-embedding-mode faithful encode queries as QUERY and documents as DOCUMENT. The
+    engine resolves it, so families never see AUTO."""
+
+    AUTO = "auto"
+    RAW = "raw"
+    QUERY = "query"
+    DOCUMENT = "document"
+
+
+class TruncationSide(StrEnum):
+    """Which end truncation removes: left keeps the last N tokens (vLLM's default)."""
+
+    LEFT = "left"
+    RIGHT = "right"
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    """A text content part."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image content part, by URL (data: URLs always; http only where allowed)."""
+
+    url: str
+
+
+Part = TextPart | ImagePart
+
+
+@dataclass(frozen=True, slots=True)
+class TextItem:
+    """Plain text to tokenize."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenItem:
+    """Pre-tokenized input, used as given."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MultiModalItem:
+    """Text and media parts (vision families)."""
+
+    parts: tuple[Part, ...]
+
+
+Item = TextItem | TokenItem | MultiModalItem
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeOptions:
+    """How inputs are tokenized. truncate_prompt_tokens None rejects over-long input; -1 = max_model_len."""
+
+    truncate_prompt_tokens: int | None = None
+    truncation_side: TruncationSide = TruncationSide.LEFT
+    add_special_tokens: bool = True
+    embedding_mode: EmbeddingMode = EmbeddingMode.AUTO
+
+
+@dataclass(frozen=True, slots=True)
+class Sequence:
+    """One tokenized input ready for a worker: ids plus the attention mask the family wants.
+
+    `attention_mask` None means all ones; faithful ColBERT queries mask their [MASK] expansion.
+    `keep` None keeps every output row; otherwise the indices of rows to return (skiplist).
+    """
+
+    ids: tuple[int, ...]
+    attention_mask: tuple[int, ...] | None = None
+    keep: tuple[int, ...] | None = None
+    prompt_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(slots=True)
+class Timings:
+    """Where a request's time went, in nanoseconds."""
+
+    tokenize_ns: int = 0
+    queue_ns: int = 0
+    inference_ns: int = 0
+    total_ns: int = 0
+
+    def merge_max(self, other: Timings) -> None:
+        """Items run in parallel, so a request waits as long as its slowest item."""
+        self.queue_ns = max(self.queue_ns, other.queue_ns)
+        self.inference_ns = max(self.inference_ns, other.inference_ns)
+
+
+Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One sequence and what to compute for it: the unit the scheduler batches."""
+
+    sequence: Sequence
+    tasks: frozenset[Task]
+    normalize: bool = True
+
+
+# What a worker returns for one WorkItem: a float32 array per task asked for.
+ItemOutputs = dict[Task, Array]
+
+
+def trimmed_span(ids: Seq[int], bos_token_id: int | None, eos_token_id: int | None) -> tuple[int, int]:
+    """[start, end) of the positions kept when a leading BOS and a trailing EOS are removed.
+
+    Each check looks at the sequence as given, as vLLM's BOSEOSFilter does: `[0]` alone loses its BOS
+    and `[2]` alone its EOS; a lone token that is both is removed once.
+    """
+    start = 1 if ids and bos_token_id is not None and ids[0] == bos_token_id else 0
+    end = len(ids) - 1 if ids and eos_token_id is not None and ids[-1] == eos_token_id else len(ids)
+    return start, max(start, end)
+
+
+Role = Literal["query", "document", "input"]
+"""Which side of a request an input is on (faithful encodings and the document cache differ by side)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LexicalSpec:
+    """What a sparse model's lexical weights need; ModelSpec.lexical when the model has one."""
+
+    bos_token_id: int | None
+    """Dropped from the front of token_classify outputs when the sequence starts with it."""
+    eos_token_id: int | None
+    """Dropped from the end of token_classify outputs when the sequence ends with it."""
+    skip_ids: frozenset[int]
+    """Ids never reported as lexical weights (FlagEmbedding: cls, eos, pad and unk)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What the server knows about a model without its weights."""
+
+    architecture: str
+    kind: ModelKind
+    tasks: frozenset[Task]
+    default_task: Task
+    token_dim: int
+    embed_dim: int
+    max_model_len: int
+    score_modes: tuple[str, ...] = ()
+    lexical: LexicalSpec | None = None
+    """Present when the model has a sparse head (BGE-M3): what its lexical weights need."""
+    matryoshka: bool = False
+    """The embed vector may be cut to `dimensions` (Matryoshka-trained models)."""
+
+    @classmethod
+    def late_interaction(cls, architecture: str, token_dim: int, max_model_len: int) -> ModelSpec:
+        """A ColBERT-style model: token embeddings only (every ColBERT family but BGE-M3)."""
+        return cls(
+            architecture=architecture,
+            kind=ModelKind.LATE_INTERACTION,
+            tasks=frozenset({Task.TOKEN_EMBED}),
+            default_task=Task.TOKEN_EMBED,
+            token_dim=token_dim,
+            embed_dim=0,
+            max_model_len=max_model_len,
+        )
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class LateserveError(Exception):
+    """Base of every error the server reports on purpose (anything else becomes INTERNAL)."""
+
+    code_name = "INTERNAL"
+    default_reason = reasons.INTERNAL
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+        field: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = metadata or {}
+        self.field = field
+        self.retry_after_s = retry_after_s
+
+
+class InvalidArgument(LateserveError):
+    """The request is malformed or asks for something impossible (HTTP 400)."""
+
+    code_name = "INVALID_ARGUMENT"
+    default_reason = reasons.INVALID_ARGUMENT
+
+
+class InputTooLong(InvalidArgument):
+    """An input has more tokens than max_model_len and no truncation was asked for."""
+
+    default_reason = reasons.INPUT_TOO_LONG
+
+
+class UnsupportedTask(InvalidArgument):
+    """The loaded model lacks the task (vLLM answers 400 "Unsupported task: ...")."""
+
+    default_reason = reasons.UNSUPPORTED_TASK
+
+
+class Unimplemented(LateserveError):
+    """A capability the server or model does not have (HTTP 501)."""
+
+    code_name = "UNIMPLEMENTED"
+    default_reason = reasons.UNSUPPORTED_INPUT
+
+
+class ModelNotFound(LateserveError):
+    """The request names a model this server does not serve (HTTP 404)."""
+
+    code_name = "NOT_FOUND"
+    default_reason = reasons.MODEL_NOT_FOUND
+
+
+class Overloaded(LateserveError):
+    """The queue is full; retry later (HTTP 429 with Retry-After)."""
+
+    code_name = "RESOURCE_EXHAUSTED"
+    default_reason = reasons.QUEUE_FULL
+
+
+class WorkerUnavailable(LateserveError):
+    """No worker can run the work now (a worker died, or none is ready) (HTTP 503)."""
+
+    code_name = "UNAVAILABLE"
+    default_reason = reasons.WORKER_UNAVAILABLE
+
+
+class ShuttingDown(WorkerUnavailable):
+    """The server is draining after SIGTERM and takes no new work."""
+
+    default_reason = reasons.SHUTTING_DOWN
+
+
+class DeadlineExceeded(LateserveError):
+    """The caller's deadline passed before the work finished."""
+
+    code_name = "DEADLINE_EXCEEDED"
+    default_reason = reasons.DEADLINE_EXCEEDED
+
+
+class ModelLoadError(Exception):
+    """A checkpoint cannot be loaded (missing/unexpected weights, unknown architecture).
+
+    Raised at startup, never per request, so it is not a LateserveError.
+    """
