@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -106,22 +106,133 @@ class EncodeOptions:
     embedding_mode: EmbeddingMode = EmbeddingMode.AUTO
 
 
+# Array dtypes that cross the worker boundary. bfloat16 has no numpy dtype: it travels as its 16-bit
+# pattern (the upper half of a float32) and workers view it as torch.bfloat16.
+TENSOR_DTYPES: dict[str, np.dtype[Any]] = {
+    "uint8": np.dtype(np.uint8),
+    "int32": np.dtype(np.int32),
+    "int64": np.dtype(np.int64),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(np.uint16),
+    "float32": np.dtype(np.float32),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """An array of any supported dtype as raw little-endian bytes and a shape.
+
+    Why bytes: worker messages are pickled, and pickling bytes is one copy where a list or tuple of
+    numbers is pickled element by element. Immutable and hashable, so media payloads can be cached.
+
+    >>> t = Tensor.from_numpy(np.arange(6, dtype=np.int64).reshape(2, 3))
+    >>> t.shape, t.dtype, t.to_numpy().tolist()
+    ((2, 3), 'int64', [[0, 1, 2], [3, 4, 5]])
+    >>> b = Tensor.bfloat16(np.array([1.0, -2.5, 3.140625], dtype=np.float32))
+    >>> b.dtype, b.to_float32().tolist()
+    ('bfloat16', [1.0, -2.5, 3.140625])
+    """
+
+    data: bytes
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def from_numpy(cls, array: npt.NDArray[Any], dtype: str | None = None) -> Tensor:
+        name = dtype or str(np.asarray(array).dtype)
+        if name not in TENSOR_DTYPES or name == "bfloat16":
+            raise ValueError(f"unsupported tensor dtype {name!r} (bfloat16: use Tensor.bfloat16)")
+        a = np.ascontiguousarray(array, dtype=TENSOR_DTYPES[name].newbyteorder("<"))
+        return cls(a.tobytes(), tuple(int(n) for n in a.shape), name)
+
+    @classmethod
+    def bfloat16(cls, array: npt.NDArray[Any]) -> Tensor:
+        """float32 -> bfloat16 with round-to-nearest-even, as torch's .to(torch.bfloat16) does."""
+        f = np.ascontiguousarray(array, dtype="<f4")
+        bits = f.view("<u4").astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+        return cls(rounded.tobytes(), tuple(int(n) for n in f.shape), "bfloat16")
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def to_numpy(self) -> npt.NDArray[Any]:
+        """A read-only view of the bytes (bfloat16 as its uint16 bit pattern)."""
+        return np.frombuffer(self.data, dtype=TENSOR_DTYPES[self.dtype].newbyteorder("<")).reshape(self.shape)
+
+    def to_float32(self) -> npt.NDArray[np.float32]:
+        a = self.to_numpy()
+        if self.dtype == "bfloat16":
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return a.astype(np.float32)
+
+
+class Modality(StrEnum):
+    """What an input may carry besides text; each family declares the ones it reads (ModelSpec.modalities)."""
+
+    TEXT = "text"
+    IMAGE = "image"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPayload:
+    """One prepared media item (an image): the arrays its encoder reads and where its tokens sit.
+
+    `offset`/`length` locate the placeholder tokens in the sequence's ids that the encoder's outputs
+    replace. `digest` hashes the source pixels and every setting that changed them, so the document
+    cache never confuses two images with the same grid (their placeholder ids are identical).
+    `cost` is the encoder's work in token units (e.g. patches), counted in batch and queue budgets.
+    """
+
+    modality: Modality
+    arrays: tuple[tuple[str, Tensor], ...]
+    offset: int
+    length: int
+    digest: bytes
+    cost: int
+
+    def array(self, name: str) -> Tensor:
+        for key, tensor in self.arrays:
+            if key == name:
+                return tensor
+        raise KeyError(name)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for _, t in self.arrays)
+
+
 @dataclass(frozen=True, slots=True)
 class Sequence:
-    """One tokenized input ready for a worker: ids plus the attention mask the family wants.
+    """One prepared input ready for a worker: token ids, what the family wants beside them, and its cost.
 
     `attention_mask` None means all ones; faithful ColBERT queries mask their [MASK] expansion.
     `keep` None keeps every output row; otherwise the indices of rows to return (skiplist).
+    `token_type_ids` None means all zeros (cross-encoder text pairs set the second segment to 1).
+    `media` holds the prepared images, in sequence order.
     """
 
     ids: tuple[int, ...]
     attention_mask: tuple[int, ...] | None = None
     keep: tuple[int, ...] | None = None
     prompt_tokens: int = 0
+    token_type_ids: tuple[int, ...] | None = None
+    media: tuple[MediaPayload, ...] = ()
 
     @property
     def num_tokens(self) -> int:
         return len(self.ids)
+
+    @property
+    def cost(self) -> int:
+        """Budget units: text tokens plus the media encoders' work, for batching and admission."""
+        return len(self.ids) + sum(m.cost for m in self.media)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held while queued (ids as int64 plus media arrays), for the queued-bytes bound."""
+        return 8 * len(self.ids) + sum(m.nbytes for m in self.media)
 
 
 @dataclass(slots=True)
@@ -149,6 +260,10 @@ class WorkItem:
     sequence: Sequence
     tasks: frozenset[Task]
     normalize: bool = True
+    """L2-normalise embed / token_embed outputs (vLLM's `normalize`, default on)."""
+    activation: bool = True
+    """Apply the classifier's activation to classify outputs (vLLM's `use_activation`): sigmoid for one
+    label. Workers return raw logits; the engine applies it, so cached and fresh outputs agree."""
 
 
 # What a worker returns for one WorkItem: a float32 array per task asked for.
@@ -198,6 +313,10 @@ class ModelSpec:
     """Present when the model has a sparse head (BGE-M3): what its lexical weights need."""
     matryoshka: bool = False
     """The embed vector may be cut to `dimensions` (Matryoshka-trained models)."""
+    num_labels: int = 0
+    """Classifier outputs (cross-encoders: 1, a relevance logit)."""
+    modalities: frozenset[Modality] = frozenset({Modality.TEXT})
+    """What the family's inputs may carry; an image sent to a text-only model is a 400."""
 
     @classmethod
     def late_interaction(cls, architecture: str, token_dim: int, max_model_len: int) -> ModelSpec:

@@ -64,6 +64,14 @@ class InputProcessor(ABC):
         (the per-item Python loop is a large share of the server process's CPU under load)."""
         return [self.encode(item, options, role) for item in items]
 
+    def encode_pair(self, query: Item, document: Item, options: EncodeOptions) -> Sequence:
+        """One joint input for a cross-encoder: (query, document) as the model was trained to read them
+        (a tokenizer text pair with segment ids, or a rendered score template). Bi-encoder and
+        late-interaction families never get here (the engine routes by ModelSpec.kind)."""
+        from lateserve.server.domain import Unimplemented
+
+        raise Unimplemented("this model does not score joint (query, document) pairs")
+
     @abstractmethod
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         """Plain tokenization for /tokenize."""
@@ -89,6 +97,8 @@ class ModelRunner(ABC):
     @abstractmethod
     def forward(self, batch: Seq[WorkItem]) -> list[ItemOutputs]:
         """Run one batch; return, per item, a float32 array for each task it asked for.
+
+        classify returns raw logits, shape [num_labels] (the engine applies the activation).
 
         An item's outputs must not depend on the other items of the batch."""
 
