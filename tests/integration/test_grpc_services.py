@@ -209,7 +209,8 @@ def test_bad_input_gets_the_right_status(colbert_channel: grpc.Channel) -> None:
         content=c.MultiModalContent(parts=[c.ContentPart(image_url=c.ImageUrl(url="data:image/png;base64,"))])
     )
     code, reason, field, msg = expect_error(pool, pool_service_pb2.PoolRequest(inputs=[image]))
-    assert code == grpc.StatusCode.UNIMPLEMENTED
+    # An image sent to a text-only model is bad input (400), naming the part (issue 8; was UNIMPLEMENTED).
+    assert (code, reason, field) == (grpc.StatusCode.INVALID_ARGUMENT, "UNSUPPORTED_INPUT", "input[0].content[0]")
 
 
 def test_truncation_keeps_the_requested_end(colbert_channel: grpc.Channel, reference: BertColbertReference) -> None:

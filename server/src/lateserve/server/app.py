@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,9 +23,10 @@ from lateserve.server.config import (
     dtype_reason,
     resolve_device,
     resolve_dtype,
+    usable_cores,
     worker_layout,
 )
-from lateserve.server.domain import ModelKind
+from lateserve.server.domain import ModelKind, ModelLoadError, ModelSpec, Task
 from lateserve.server.engine.engine import Engine
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.server.health import ALL_SERVICES, HealthState
@@ -80,6 +83,9 @@ class Server:
         )
         family = family_for(source)
         spec = family.spec()
+        # The bundled all-MiniLM-L6-v2 (a sentence-transformers bi-encoder) is served as late interaction.
+        bundled = not cfg.model or source.path == Path(default_model_path()).resolve()
+        spec = self._with_score_type(spec, cfg.score_type or (ModelKind.LATE_INTERACTION.value if bundled else ""))
         processor = family.processor()
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
@@ -116,6 +122,9 @@ class Server:
             self._batcher,
             max_queued_requests=cfg.max_queued_requests,
             max_queued_tokens=cfg.max_queued_tokens,
+            max_queued_bytes=cfg.max_queued_bytes,
+            prepare_threads=cfg.prepare_threads or min(4, usable_cores()),
+            max_images_per_prompt=int(cfg.limit_mm_per_prompt.get("image", 8)),
             doc_cache_bytes=cfg.doc_cache_mb << 20 if spec.kind == ModelKind.LATE_INTERACTION else 0,
             faithful_scoring=cfg.scoring_embedding_mode == "faithful",
         )
@@ -144,6 +153,23 @@ class Server:
             await self.stop(0)
             raise
         log.info("ready: gRPC on port %d%s", self.grpc_port, f", HTTP on port {self.http_port}" if cfg.gateway else "")
+
+    @staticmethod
+    def _with_score_type(spec: ModelSpec, score_type: str) -> ModelSpec:
+        """--score-type: the scoring procedure, when the model has the outputs it needs."""
+        if not score_type or score_type == spec.kind.value:
+            return spec
+        kind = ModelKind(score_type)
+        needs = {
+            ModelKind.LATE_INTERACTION: Task.TOKEN_EMBED,
+            ModelKind.BI_ENCODER: Task.EMBED,
+            ModelKind.CROSS_ENCODER: Task.CLASSIFY,
+        }[kind]
+        if needs not in spec.tasks:
+            raise ModelLoadError(
+                f"--score-type {score_type} needs the {needs.value} task, which {spec.architecture} does not have"
+            )
+        return replace(spec, kind=kind)
 
     def _build_grpc(self, served: ServedModel, info: info_service_pb2.GetInfoResponse) -> grpc.aio.Server:
         limit = self.config.max_message_bytes
@@ -213,3 +239,5 @@ class Server:
             await self._batcher.stop()
         if self.pool is not None:
             await self.pool.stop()
+        if self.engine is not None:
+            self.engine.close()

@@ -75,6 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw: /score and /rerank encode text as vLLM does; faithful: queries as ColBERT queries and "
         "documents as ColBERT documents (markers, [MASK] expansion, skiplist)",
     )
+    serve.add_argument(
+        "--score-type",
+        choices=["late-interaction", "bi-encoder", "cross-encoder"],
+        default="",
+        help="how /score and /rerank score (default: the model's kind, as vLLM; the bundled model: late-interaction)",
+    )
+    serve.add_argument("--max-queued-mb", type=int, default=1024, help="input bytes (ids, pixels) admitted at once")
+    serve.add_argument(
+        "--prepare-threads", type=int, default=0, help="threads for input preparation off the event loop (0: auto)"
+    )
+    serve.add_argument(
+        "--limit-mm-per-prompt", type=_json_arg, default={}, help="media items per input, e.g. '{\"image\": 4}'"
+    )
+    serve.add_argument(
+        "--allowed-media-domains", nargs="*", default=[], help="hosts image_url may fetch from over http(s)"
+    )
+    serve.add_argument("--allowed-local-media-path", default="", help="directory file:// image URLs may read")
+    serve.add_argument(
+        "--mm-processor-kwargs", type=_json_arg, default={}, help="image processor settings, e.g. '{\"max_pixels\": N}'"
+    )
     serve.add_argument("--log-level", default="INFO")
     gw = sub.add_parser("gateway", help="run only the HTTP gateway in front of a gRPC server")
     gw.add_argument("--grpc-target", default="127.0.0.1:50051")
@@ -110,6 +130,13 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         max_body_bytes=ns.max_body_mb << 20,
         shutdown_grace_seconds=ns.shutdown_grace_seconds,
         scoring_embedding_mode=ns.scoring_embedding_mode,
+        score_type=ns.score_type,
+        max_queued_bytes=ns.max_queued_mb << 20,
+        prepare_threads=ns.prepare_threads,
+        limit_mm_per_prompt={str(k): v for k, v in ns.limit_mm_per_prompt.items()},
+        allowed_media_domains=tuple(ns.allowed_media_domains),
+        allowed_local_media_path=ns.allowed_local_media_path,
+        mm_processor_kwargs=ns.mm_processor_kwargs,
     )
 
 

@@ -39,6 +39,16 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     load_timeout_seconds: float = 600.0
     scoring_embedding_mode: str = "raw"
+    score_type: str = ""
+    """late-interaction | bi-encoder | cross-encoder: overrides how /score and /rerank score (vLLM's
+    kind for the model otherwise; the bundled default model is served as late interaction)."""
+    max_queued_bytes: int = 1 << 30
+    prepare_threads: int = 0
+    """Threads preparing inputs (tokenize, template, image decode) off the event loop; 0: min(4, cores)."""
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
+    allowed_media_domains: tuple[str, ...] = ()
+    allowed_local_media_path: str = ""
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def default_model_path() -> str:

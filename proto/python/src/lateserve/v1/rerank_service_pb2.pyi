@@ -32,6 +32,7 @@ class RerankRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SCORE_MODE_FIELD_NUMBER: _builtins.int
+    USE_ACTIVATION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model. An unknown name is NOT_FOUND."""
     top_n: _builtins.int
@@ -46,6 +47,10 @@ class RerankRequest(_message.Message):
     by the number of query vectors), "weighted:<dense>,<sparse>,<colbert>" (compute_score's
     weighted mean (w1*dense + w2*sparse + w3*colbert) / (w1 + w2 + w3), e.g. "weighted:0.4,0.2,0.4";
     plain "weighted" is 1,1,1). Another mode is INVALID_ARGUMENT with field score_mode.
+    """
+    use_activation: _builtins.bool
+    """Cross-encoders: apply the classifier's activation (sigmoid for one label) to the score; unset
+    means true, as vLLM's use_activation. false returns the raw logit. Other kinds ignore it.
     """
     @_builtins.property
     def query(self) -> _common_pb2.Input:
@@ -69,14 +74,20 @@ class RerankRequest(_message.Message):
         options: _common_pb2.EncodeOptions | None = ...,
         request_id: _builtins.str = ...,
         score_mode: _builtins.str = ...,
+        use_activation: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_top_n", b"_top_n", "options", b"options", "query", b"query", "top_n", b"top_n"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_top_n", b"_top_n", "_use_activation", b"_use_activation", "options", b"options", "query", b"query", "top_n", b"top_n", "use_activation", b"use_activation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_n", b"_top_n", "documents", b"documents", "model", b"model", "options", b"options", "query", b"query", "request_id", b"request_id", "score_mode", b"score_mode", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_n", b"_top_n", "_use_activation", b"_use_activation", "documents", b"documents", "model", b"model", "options", b"options", "query", b"query", "request_id", b"request_id", "score_mode", b"score_mode", "top_n", b"top_n", "use_activation", b"use_activation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__top_n: _TypeAlias = _typing.Literal["top_n"]  # noqa: Y015
     _WhichOneofArgType__top_n: _TypeAlias = _typing.Literal["_top_n", b"_top_n"]  # noqa: Y015
+    _WhichOneofReturnType__use_activation: _TypeAlias = _typing.Literal["use_activation"]  # noqa: Y015
+    _WhichOneofArgType__use_activation: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_n) -> _WhichOneofReturnType__top_n | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_activation) -> _WhichOneofReturnType__use_activation | None: ...
 
 Global___RerankRequest: _TypeAlias = RerankRequest  # noqa: Y015
 

@@ -31,6 +31,7 @@ class ScoreRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SCORE_MODE_FIELD_NUMBER: _builtins.int
+    USE_ACTIVATION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     request_id: _builtins.str
@@ -43,6 +44,10 @@ class ScoreRequest(_message.Message):
     by the number of query vectors), "weighted:<dense>,<sparse>,<colbert>" (compute_score's
     weighted mean (w1*dense + w2*sparse + w3*colbert) / (w1 + w2 + w3), e.g. "weighted:0.4,0.2,0.4";
     plain "weighted" is 1,1,1). Another mode is INVALID_ARGUMENT with field score_mode.
+    """
+    use_activation: _builtins.bool
+    """Cross-encoders: apply the classifier's activation (sigmoid for one label) to the score; unset
+    means true, as vLLM's use_activation. false returns the raw logit. Other kinds ignore it.
     """
     @_builtins.property
     def queries(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
@@ -65,12 +70,15 @@ class ScoreRequest(_message.Message):
         options: _common_pb2.EncodeOptions | None = ...,
         request_id: _builtins.str = ...,
         score_mode: _builtins.str = ...,
+        use_activation: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation", "options", b"options", "use_activation", b"use_activation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents", "model", b"model", "options", b"options", "queries", b"queries", "request_id", b"request_id", "score_mode", b"score_mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation", "documents", b"documents", "model", b"model", "options", b"options", "queries", b"queries", "request_id", b"request_id", "score_mode", b"score_mode", "use_activation", b"use_activation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__use_activation: _TypeAlias = _typing.Literal["use_activation"]  # noqa: Y015
+    _WhichOneofArgType__use_activation: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_activation) -> _WhichOneofReturnType__use_activation | None: ...
 
 Global___ScoreRequest: _TypeAlias = ScoreRequest  # noqa: Y015
 

@@ -1,7 +1,9 @@
 """Document-embedding cache: repeated documents in /rerank and /score skip their forward pass.
 
-Keyed by (model, a hash of the exact token ids, mask and kept rows, the tasks and the
-normalisation), so two inputs share an entry only when the model would see the same thing.
+Keyed by (model, a hash of the exact prepared input: token ids, mask, kept rows, segment ids and the
+content digest and placement of every media payload; the tasks, normalisation and activation), so two
+inputs share an entry only when the model would see the same thing. Two images with the same grid
+have identical placeholder ids; their digests differ.
 Bounded by bytes of stored arrays; least recently used entries go first. Single-threaded: only
 the event loop touches it.
 """
@@ -24,8 +26,11 @@ def cache_key(model: str, item: WorkItem) -> bytes:
         ",".join(map(str, seq.ids)),
         ",".join(map(str, seq.attention_mask or ())),
         ",".join(map(str, seq.keep)) if seq.keep is not None else "*",
+        ",".join(map(str, seq.token_type_ids)) if seq.token_type_ids is not None else "*",
+        ";".join(f"{m.modality}:{m.offset}:{m.length}:{m.digest.hex()}" for m in seq.media),
         ",".join(sorted(t.value for t in item.tasks)),
         "n" if item.normalize else "u",
+        "a" if item.activation else "r",
     ):
         h.update(part.encode())
         h.update(b"\x00")

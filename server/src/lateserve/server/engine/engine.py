@@ -1,26 +1,38 @@
-"""Engine: the services' one door. Admit, tokenize, validate length, enqueue, await, collect.
+"""Engine: the services' one door. Admit, prepare off the event loop, validate length, enqueue, await.
 
-Every rule about inputs that holds for all families (task support, max_model_len, the
-truncation bound, the request bound) is checked here, once. Cancelling the awaiting coroutine
-(client gone, deadline passed) cancels the item futures, so queued work is dropped unrun.
+Every rule about inputs that holds for all families (task support, modalities, max_model_len, the
+truncation bound, the request, cost and byte bounds) is checked here, once. Input preparation
+(tokenization, chat templates, image decode and resize) runs in a thread pool: tokenizers and Pillow
+release the GIL, and the event loop keeps answering other requests and health checks meanwhile.
+Cancelling the awaiting coroutine (client gone, deadline passed) cancels the item futures, so queued
+work is dropped unrun.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import numpy as np
 
 from lateserve.server import metrics
 from lateserve.server.domain import (
+    Array,
     EmbeddingMode,
     EncodeOptions,
+    ImagePart,
     InputTooLong,
     InvalidArgument,
     Item,
     ItemOutputs,
+    Modality,
     ModelSpec,
+    MultiModalItem,
     Overloaded,
     Role,
     Sequence,
@@ -34,6 +46,8 @@ from lateserve.server.engine.cache import DocumentCache, cache_key
 from lateserve.server.families.base import InputProcessor
 from lateserve.server.scheduler.batcher import Batcher
 from lateserve.wire import reasons
+
+R = TypeVar("R")
 
 
 @dataclass(slots=True)
@@ -49,6 +63,19 @@ class EncodeResult:
         return sum(s.prompt_tokens for s in self.sequences)
 
 
+def apply_activation(logits: Array) -> Array:
+    """vLLM's classify activation: sigmoid for one label, softmax over several.
+
+    >>> apply_activation(np.array([0.0], dtype=np.float32)).tolist()
+    [0.5]
+    """
+    x = logits.astype(np.float32)
+    if x.shape[-1] == 1:
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 class Engine:
     """Runs encode calls for one served model."""
 
@@ -60,8 +87,11 @@ class Engine:
         *,
         max_queued_requests: int,
         max_queued_tokens: int = 1 << 20,
+        max_queued_bytes: int = 1 << 30,
         doc_cache_bytes: int = 0,
         faithful_scoring: bool = False,
+        prepare_threads: int = 2,
+        max_images_per_prompt: int = 8,
     ) -> None:
         self.spec = spec
         self.processor = processor
@@ -69,7 +99,11 @@ class Engine:
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
         self.active_requests = 0
+        self.max_queued_bytes = max_queued_bytes
+        self.max_images_per_prompt = max_images_per_prompt
         self.queued_tokens = 0
+        self.queued_bytes = 0
+        self._prepare = ThreadPoolExecutor(max(1, prepare_threads), thread_name_prefix="lateserve-prepare")
         self.cache = DocumentCache(doc_cache_bytes)
         self.accepting = True
         # --scoring-embedding-mode faithful: /score and /rerank encode queries as queries and
@@ -102,13 +136,53 @@ class Engine:
                 metadata={"truncatePromptTokens": str(k), "maxModelLen": str(self.spec.max_model_len)},
             )
 
-    def tokenize(self, items: Seq[Item], options: EncodeOptions, role: Role, field: str) -> list[Sequence]:
-        """Tokenize and enforce max_model_len with vLLM's message."""
-        limit = self.spec.max_model_len
+    def resolve_options(self, options: EncodeOptions) -> EncodeOptions:
+        """The one place `truncate_prompt_tokens == -1` and `EmbeddingMode.AUTO` are resolved:
+        families see a concrete limit and a concrete mode."""
         if options.truncate_prompt_tokens == -1:
-            options = replace(options, truncate_prompt_tokens=limit)
+            options = replace(options, truncate_prompt_tokens=self.spec.max_model_len)
         if options.embedding_mode == EmbeddingMode.AUTO:
             options = replace(options, embedding_mode=EmbeddingMode.RAW)
+        return options
+
+    def check_media(self, items: Seq[Item], field: str) -> None:
+        """Cheap checks before any preparation: images only for models that read them, and at most
+        --limit-mm-per-prompt images per input."""
+        for index, item in enumerate(items):
+            if not isinstance(item, MultiModalItem):
+                continue
+            images = [k for k, part in enumerate(item.parts) if isinstance(part, ImagePart)]
+            if images and Modality.IMAGE not in self.spec.modalities:
+                raise InvalidArgument(
+                    f"{self.spec.architecture} takes text only; image input is not supported by this model",
+                    reason=reasons.UNSUPPORTED_INPUT,
+                    field=f"{field}[{index}].content[{images[0]}]",
+                )
+            if len(images) > self.max_images_per_prompt:
+                raise InvalidArgument(
+                    f"{len(images)} images in one input; at most {self.max_images_per_prompt} are allowed "
+                    "(--limit-mm-per-prompt '{\"image\": N}')",
+                    reason=reasons.MEDIA_LIMIT,
+                    field=f"{field}[{index}]",
+                )
+
+    def check_length(self, sequences: Seq[Sequence], field: str) -> None:
+        """max_model_len, with vLLM's message."""
+        limit = self.spec.max_model_len
+        for index, seq in enumerate(sequences):
+            if seq.num_tokens > limit:
+                n = seq.num_tokens
+                raise InputTooLong(
+                    f"This model's maximum context length is {limit} tokens. However, your prompt contains at "
+                    f"least {n} input tokens, which exceeds this limit even without any output tokens. Please "
+                    f"reduce the length of the input prompt. (parameter=input_tokens, value={n})",
+                    field="input_tokens",
+                    metadata={"maxModelLen": str(limit), "inputTokens": str(n), "item": f"{field}[{index}]"},
+                )
+
+    def tokenize(self, items: Seq[Item], options: EncodeOptions, role: Role, field: str) -> list[Sequence]:
+        """Prepare items (synchronously: call through `prepare`) and enforce max_model_len."""
+        options = self.resolve_options(options)
         try:
             sequences = self.processor.encode_many(items, options, role)
         except InvalidArgument:
@@ -121,20 +195,32 @@ class Engine:
                         exc.field = f"{field}[{index}]"
                     raise
             raise
-        for index, seq in enumerate(sequences):
-            if seq.num_tokens > limit:
-                n = seq.num_tokens
-                raise InputTooLong(
-                    f"This model's maximum context length is {limit} tokens. However, your prompt contains at "
-                    f"least {n} input tokens, which exceeds this limit even without any output tokens. Please "
-                    f"reduce the length of the input prompt. (parameter=input_tokens, value={n})",
-                    field="input_tokens",
-                    metadata={"maxModelLen": str(limit), "inputTokens": str(n), "item": f"{field}[{index}]"},
-                )
+        self.check_length(sequences, field)
         return sequences
 
+    def tokenize_pairs(self, pairs: Seq[tuple[Item, Item]], options: EncodeOptions, field: str) -> list[Sequence]:
+        """Cross-encoder inputs: one joint sequence per (query, document) pair."""
+        options = self.resolve_options(options)
+        sequences = []
+        for index, (query, document) in enumerate(pairs):
+            try:
+                sequences.append(self.processor.encode_pair(query, document, options))
+            except InvalidArgument as exc:
+                if exc.field in (None, "input"):
+                    exc.field = f"{field}[{index}]"
+                raise
+        self.check_length(sequences, field)
+        return sequences
+
+    async def prepare(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run input preparation in the pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare, fn, *args)
+
+    def close(self) -> None:
+        self._prepare.shutdown(wait=False, cancel_futures=True)
+
     def _admit(self) -> None:
-        """Fail fast, before tokenizing, when the request bound is reached."""
+        """Fail fast, before preparing, when the request bound is reached."""
         if not self.accepting:
             raise ShuttingDown("the server is shutting down", retry_after_s=1.0)
         if self.active_requests >= self.max_queued_requests:
@@ -145,15 +231,22 @@ class Engine:
                 metadata={"maxQueuedRequests": str(self.max_queued_requests)},
             )
 
-    def _admit_tokens(self, tokens: int) -> None:
-        """The token bound keeps memory bounded under any mix of request sizes; a lone request
-        is always admitted so a big one cannot be refused forever."""
-        if self.queued_tokens and self.queued_tokens + tokens > self.max_queued_tokens:
+    def _admit_cost(self, cost: int, nbytes: int) -> None:
+        """The cost bound (text tokens plus media work) and the byte bound keep memory bounded under any
+        mix of request sizes; a lone request is always admitted so a big one cannot be refused forever."""
+        if self.queued_tokens and self.queued_tokens + cost > self.max_queued_tokens:
             metrics.REJECTED.labels("tokens").inc()
             raise Overloaded(
-                f"too many tokens in flight ({self.queued_tokens} + {tokens}); retry later",
+                f"too many tokens in flight ({self.queued_tokens} + {cost}); retry later",
                 retry_after_s=1.0,
                 metadata={"maxQueuedTokens": str(self.max_queued_tokens)},
+            )
+        if self.queued_bytes and self.queued_bytes + nbytes > self.max_queued_bytes:
+            metrics.REJECTED.labels("bytes").inc()
+            raise Overloaded(
+                f"too many input bytes in flight ({self.queued_bytes} + {nbytes}); retry later",
+                retry_after_s=1.0,
+                metadata={"maxQueuedBytes": str(self.max_queued_bytes)},
             )
 
     async def _run(self, work: list[WorkItem], use_cache: bool) -> tuple[list[ItemOutputs], Timings]:
@@ -181,6 +274,48 @@ class Engine:
                     self.cache.put(keys[i], r.outputs)
         return [out for out in outputs if out is not None], timings
 
+    async def _execute(
+        self,
+        prepare: Callable[[], list[Sequence]],
+        tasks: frozenset[Task],
+        *,
+        normalize: bool,
+        activation: bool,
+        use_cache: bool,
+    ) -> EncodeResult:
+        """Admit, prepare off the loop, bound the queued cost and bytes, run, post-process."""
+        start = time.perf_counter_ns()
+        self._admit()
+        self.active_requests += 1
+        cost = nbytes = 0
+        try:
+            sequences = await self.prepare(prepare)
+            prepared = sum(s.cost for s in sequences), sum(s.nbytes for s in sequences)
+            self._admit_cost(*prepared)
+            cost, nbytes = prepared
+            self.queued_tokens += cost
+            self.queued_bytes += nbytes
+            metrics.QUEUED_TOKENS.set(self.queued_tokens)
+            tokenize_ns = time.perf_counter_ns() - start
+            work = [WorkItem(seq, tasks, normalize, activation) for seq in sequences]
+            outputs, timings = await self._run(work, use_cache)
+            if activation and Task.CLASSIFY in tasks:
+                outputs = [{**out, Task.CLASSIFY: apply_activation(out[Task.CLASSIFY])} for out in outputs]
+            timings.tokenize_ns = tokenize_ns
+            timings.total_ns = time.perf_counter_ns() - start
+            metrics.PROMPT_TOKENS.inc(sum(s.prompt_tokens for s in sequences))
+            return EncodeResult(outputs, sequences, timings)
+        finally:
+            self.active_requests -= 1
+            self.queued_tokens -= cost
+            self.queued_bytes -= nbytes
+            metrics.QUEUED_TOKENS.set(self.queued_tokens)
+
+    def _check(self, tasks: frozenset[Task], options: EncodeOptions) -> None:
+        for task in tasks:
+            self.check_task(task)
+        self.check_options(options)
+
     async def encode(
         self,
         items: Seq[Item],
@@ -189,33 +324,39 @@ class Engine:
         *,
         role: Role = "input",
         normalize: bool = True,
+        activation: bool = True,
         field: str = "input",
     ) -> EncodeResult:
         """Encode items for the given tasks; raises the LateserveError a client should see.
 
         Documents of /score and /rerank (role "document") go through the document cache."""
-        start = time.perf_counter_ns()
-        for task in tasks:
-            self.check_task(task)
-        self.check_options(options)
-        self._admit()
-        self.active_requests += 1
-        admitted = 0
-        try:
-            sequences = self.tokenize(items, options, role, field)
-            tokens = sum(s.num_tokens for s in sequences)
-            self._admit_tokens(tokens)
-            self.queued_tokens += tokens
-            admitted = tokens
-            metrics.QUEUED_TOKENS.set(self.queued_tokens)
-            tokenize_ns = time.perf_counter_ns() - start
-            work = [WorkItem(seq, tasks, normalize) for seq in sequences]
-            outputs, timings = await self._run(work, role == "document" and self.cache.enabled)
-            timings.tokenize_ns = tokenize_ns
-            timings.total_ns = time.perf_counter_ns() - start
-            metrics.PROMPT_TOKENS.inc(sum(s.prompt_tokens for s in sequences))
-            return EncodeResult(outputs, sequences, timings)
-        finally:
-            self.active_requests -= 1
-            self.queued_tokens -= admitted
-            metrics.QUEUED_TOKENS.set(self.queued_tokens)
+        self._check(tasks, options)
+        self.check_media(items, field)
+        return await self._execute(
+            lambda: self.tokenize(items, options, role, field),
+            tasks,
+            normalize=normalize,
+            activation=activation,
+            use_cache=role == "document" and self.cache.enabled,
+        )
+
+    async def encode_pairs(
+        self,
+        pairs: Seq[tuple[Item, Item]],
+        options: EncodeOptions,
+        *,
+        activation: bool = True,
+        field: str = "documents",
+    ) -> EncodeResult:
+        """Cross-encoder: classify each joint (query, document) input. Pairs never enter the document
+        cache (a pair's output depends on both sides)."""
+        tasks = frozenset({Task.CLASSIFY})
+        self._check(tasks, options)
+        self.check_media([d for _, d in pairs], field)
+        return await self._execute(
+            lambda: self.tokenize_pairs(pairs, options, field),
+            tasks,
+            normalize=False,
+            activation=activation,
+            use_cache=False,
+        )

@@ -1,5 +1,6 @@
 """Scoring query/document pairs by the model's kind (vllm-spec 2.2): late interaction encodes
-each side once and takes MaxSim; a bi-encoder embeds each side and takes the cosine.
+each side once and takes MaxSim; a bi-encoder embeds each side and takes the cosine; a cross-encoder
+reads each (query, document) pair as one input and its classifier logit (sigmoid by default) is the score.
 
 Models that list score modes (BGE-M3) choose another procedure per request with `score_mode`:
 "dense" (cosine of the embed vectors, the bi-encoder default), "sparse" (FlagEmbedding's lexical
@@ -129,8 +130,36 @@ def _lexical(result: EncodeResult, spec: LexicalSpec) -> list[dict[int, float]]:
     ]
 
 
+async def _score_joint(
+    engine: Engine,
+    queries: Seq[Item],
+    documents: Seq[Item],
+    pairs: list[tuple[int, int]],
+    options: EncodeOptions,
+    use_activation: bool,
+) -> PairScores:
+    """Cross-encoder: one joint input per pair, batched like any other input, never cached."""
+    if engine.spec.num_labels != 1:
+        raise InvalidArgument(
+            f"/score and /rerank need a cross-encoder with one label; {engine.spec.architecture} has "
+            f"{engine.spec.num_labels}",
+            field="model",
+        )
+    result = await engine.encode_pairs(
+        [(queries[i], documents[j]) for i, j in pairs], options, activation=use_activation, field="documents"
+    )
+    scores = [float(out[Task.CLASSIFY].reshape(-1)[0]) for out in result.outputs]
+    return PairScores(scores, result.prompt_tokens, result.timings)
+
+
 async def score_pairs(
-    engine: Engine, queries: Seq[Item], documents: Seq[Item], options: EncodeOptions, score_mode: str = ""
+    engine: Engine,
+    queries: Seq[Item],
+    documents: Seq[Item],
+    options: EncodeOptions,
+    score_mode: str = "",
+    *,
+    use_activation: bool = True,
 ) -> PairScores:
     """Pair (1:1, 1:N, N:N) and score; a shared query is encoded once and counted once in usage."""
     pairs = pair_indices(len(queries), len(documents))
@@ -146,7 +175,7 @@ async def score_pairs(
         task, measure = Task.EMBED, cosine
         tasks = frozenset({task})
     else:
-        raise Unimplemented(f"scoring with a {kind.value} model is not implemented yet")
+        return await _score_joint(engine, queries, documents, pairs, options, use_activation)
     try:
         q_res, d_res = await _encode_sides(engine, queries, documents, tasks, options)
     except ExceptionGroup as group:

@@ -72,7 +72,7 @@ class Batcher:
         futures: list[asyncio.Future[ItemResult]] = []
         for item in items:
             fut: asyncio.Future[ItemResult] = loop.create_future()
-            self.queue.push(Entry(Ticket(item, fut), item.sequence.num_tokens, now, fut.done))
+            self.queue.push(Entry(Ticket(item, fut), item.sequence.cost, now, fut.done))
             futures.append(fut)
         metrics.QUEUE_SIZE.set(len(self.queue))
         self._wake.set()

@@ -22,6 +22,7 @@ class Entry(Generic[T]):
 
     payload: T
     num_tokens: int
+    """Cost in token units: text tokens plus media work (domain.Sequence.cost)."""
     enqueued_ns: int = 0
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
 

@@ -49,6 +49,7 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
             items_from_proto(request.documents, "documents"),
             options_from_proto(request.options),
             request.score_mode,
+            use_activation=request.use_activation if request.HasField("use_activation") else True,
         )
         top_n = request.top_n if request.HasField("top_n") else None
         return pb.RerankResponse(

@@ -33,6 +33,7 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
             items_from_proto(request.documents, "documents"),
             options_from_proto(request.options),
             request.score_mode,
+            use_activation=request.use_activation if request.HasField("use_activation") else True,
         )
         return pb.ScoreResponse(
             id=f"score-{request_id(request.request_id)}",

@@ -74,7 +74,7 @@ def child_main(conn: Connection, spec: WorkerSpec) -> None:
             if isinstance(msg, EncodeBatch):
                 start = time.perf_counter_ns()
                 try:
-                    outputs = runner.forward(msg.items)
+                    outputs = runner.forward(msg.unpack())
                     packed = BatchResult.pack_outputs(outputs)
                     conn.send(BatchResult(msg.batch_id, packed, time.perf_counter_ns() - start))
                 except Exception as exc:

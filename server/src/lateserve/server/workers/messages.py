@@ -1,7 +1,7 @@
 """Typed messages that cross the worker process boundary.
 
-Token ids travel as tuples of ints; outputs travel as raw float32 bytes plus shape (one memcpy,
-no per-float pickling). Nothing here imports torch.
+Token ids, masks, media arrays and outputs travel as `domain.Tensor` (raw bytes, shape, dtype: one
+memcpy each, nothing pickled element by element). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lateserve.server.domain import Array, ItemOutputs, Task, WorkItem
+from lateserve.server.domain import ItemOutputs, MediaPayload, Sequence, Task, Tensor, WorkItem
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,43 +30,84 @@ class WorkerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PackedItem:
+    """A WorkItem as it crosses the pipe: every int list as one int64 Tensor (bytes + shape), media
+    payloads as their Tensors, so pickling copies a few buffers instead of one object per token."""
+
+    ids: Tensor
+    attention_mask: Tensor | None
+    keep: Tensor | None
+    token_type_ids: Tensor | None
+    media: tuple[MediaPayload, ...]
+    prompt_tokens: int
+    tasks: tuple[Task, ...]
+    normalize: bool
+    activation: bool
+
+    @classmethod
+    def pack(cls, item: WorkItem) -> PackedItem:
+        seq = item.sequence
+        return cls(
+            ids=_ints(seq.ids),
+            attention_mask=None if seq.attention_mask is None else _ints(seq.attention_mask),
+            keep=None if seq.keep is None else _ints(seq.keep),
+            token_type_ids=None if seq.token_type_ids is None else _ints(seq.token_type_ids),
+            media=seq.media,
+            prompt_tokens=seq.prompt_tokens,
+            tasks=tuple(sorted(item.tasks)),
+            normalize=item.normalize,
+            activation=item.activation,
+        )
+
+    def unpack(self) -> WorkItem:
+        sequence = Sequence(
+            ids=_tuple(self.ids),
+            attention_mask=None if self.attention_mask is None else _tuple(self.attention_mask),
+            keep=None if self.keep is None else _tuple(self.keep),
+            prompt_tokens=self.prompt_tokens,
+            token_type_ids=None if self.token_type_ids is None else _tuple(self.token_type_ids),
+            media=self.media,
+        )
+        return WorkItem(sequence, frozenset(self.tasks), self.normalize, self.activation)
+
+
+def _ints(values: tuple[int, ...]) -> Tensor:
+    return Tensor.from_numpy(np.asarray(values, dtype=np.int64), "int64")
+
+
+def _tuple(tensor: Tensor) -> tuple[int, ...]:
+    return tuple(tensor.to_numpy().tolist())
+
+
+@dataclass(frozen=True, slots=True)
 class EncodeBatch:
     """A batch of work for one forward pass."""
 
     batch_id: int
-    items: list[WorkItem]
-
-
-@dataclass(frozen=True, slots=True)
-class RawArray:
-    """A float32 array as bytes and shape."""
-
-    data: bytes
-    shape: tuple[int, ...]
+    items: list[PackedItem]
 
     @classmethod
-    def pack(cls, array: Array) -> RawArray:
-        a = np.ascontiguousarray(array, dtype=np.float32)
-        return cls(a.tobytes(), tuple(a.shape))
+    def pack(cls, batch_id: int, items: list[WorkItem]) -> EncodeBatch:
+        return cls(batch_id, [PackedItem.pack(item) for item in items])
 
-    def unpack(self) -> Array:
-        return np.frombuffer(self.data, dtype=np.float32).reshape(self.shape)
+    def unpack(self) -> list[WorkItem]:
+        return [item.unpack() for item in self.items]
 
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """The outputs of a batch, in item order."""
+    """The outputs of a batch, in item order, each array as a Tensor in the dtype the runner produced."""
 
     batch_id: int
-    outputs: list[dict[Task, RawArray]]
+    outputs: list[dict[Task, Tensor]]
     inference_ns: int
 
     @staticmethod
-    def pack_outputs(outputs: list[ItemOutputs]) -> list[dict[Task, RawArray]]:
-        return [{task: RawArray.pack(arr) for task, arr in out.items()} for out in outputs]
+    def pack_outputs(outputs: list[ItemOutputs]) -> list[dict[Task, Tensor]]:
+        return [{task: Tensor.from_numpy(np.asarray(arr)) for task, arr in out.items()} for out in outputs]
 
     def unpack_outputs(self) -> list[ItemOutputs]:
-        return [{task: raw.unpack() for task, raw in out.items()} for out in self.outputs]
+        return [{task: t.to_float32() for task, t in out.items()} for out in self.outputs]
 
 
 @dataclass(frozen=True, slots=True)

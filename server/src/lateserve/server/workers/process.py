@@ -78,7 +78,7 @@ class ProcessWorker:
         batch_id = next(_batch_ids)
         self._pending[batch_id] = future
         try:
-            self._conn.send(EncodeBatch(batch_id, items))
+            self._conn.send(EncodeBatch.pack(batch_id, items))
         except (OSError, ValueError) as exc:
             self._pending.pop(batch_id, None)
             future.set_exception(WorkerUnavailable(f"worker pipe broke: {exc}", retry_after_s=1.0))
