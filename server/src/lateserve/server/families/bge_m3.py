@@ -41,10 +41,10 @@ from lateserve.server.families import loading
 from lateserve.server.families.base import Family, ModelRunner, ModelSource
 from lateserve.server.families.batching import pad_batch
 from lateserve.server.families.colbert import BertProcessor
+from lateserve.server.families.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
 
 ARCHITECTURE = "BgeM3EmbeddingModel"
 TASKS = frozenset({Task.EMBED, Task.TOKEN_EMBED, Task.TOKEN_CLASSIFY})
@@ -68,7 +68,7 @@ class BgeM3(Family):
     architectures = (ARCHITECTURE,)
 
     @cached_property
-    def _tokenizer(self) -> PreTrainedTokenizerBase:
+    def _tokenizer(self) -> TextTokenizer:
         return loading.load_tokenizer(self.source.path, trust_remote_code=self.source.trust_remote_code)
 
     @cached_property
@@ -109,7 +109,11 @@ class BgeM3(Family):
     def processor(self) -> BertProcessor:
         vocab_size = int(self.source.config.get("vocab_size") or len(self._tokenizer))
         return BertProcessor(
-            self._tokenizer, architecture=ARCHITECTURE, vocab_size=vocab_size, max_model_len=self._max_model_len
+            self._tokenizer,
+            architecture=ARCHITECTURE,
+            vocab_size=vocab_size,
+            max_model_len=self._max_model_len,
+            chat_template=self.source.chat_template,
         )
 
     def runner(self, device: str, dtype: str) -> BgeM3Runner:

@@ -2,7 +2,8 @@
 
 Serves vLLM's raw semantics (vllm-spec 1.2): text tokenized with the tokenizer's own special
 tokens, every token's vector returned, last_hidden_state -> linear (no bias) -> L2 norm in float32.
-torch and transformers are imported only inside the runner and the tokenizer loader.
+torch and transformers are imported only inside the runner: the processor (server process) tokenizes
+with `tokenizer.TextTokenizer` and renders chat messages with `chat_template`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from functools import cached_property
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lateserve.server.domain import (
     EmbeddingMode,
@@ -31,12 +32,13 @@ from lateserve.server.domain import (
 from lateserve.server.families import loading
 from lateserve.server.families.base import Family, InputProcessor, ModelSource
 from lateserve.server.families.batching import TokenEmbedRunner
+from lateserve.server.families.chat_template import ChatRenderer
 from lateserve.server.families.colbert_encoding import ColbertEncoder
+from lateserve.server.families.tokenizer import Encoded, TextTokenizer
 from lateserve.wire import reasons
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 
@@ -117,6 +119,7 @@ class BertColBERT(Family):
             vocab_size=vocab_size,
             max_model_len=self._max_model_len,
             colbert=colbert,
+            chat_template=self.source.chat_template,
         )
 
     def runner(self, device: str, dtype: str) -> BertRunner:
@@ -133,19 +136,22 @@ class BertProcessor(InputProcessor):
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: TextTokenizer,
         *,
         architecture: str,
         vocab_size: int,
         max_model_len: int,
         colbert: ColbertEncoder | None = None,
+        chat_template: str | None = None,
     ) -> None:
-        """`colbert` None: only raw mode (a model that is not a ColBERT checkpoint)."""
+        """`colbert` None: only raw mode (a model that is not a ColBERT checkpoint). `chat_template`:
+        the --chat-template value; None uses the checkpoint's own template, if it has one."""
         self._tokenizer = tokenizer
         self._architecture = architecture
         self._vocab_size = vocab_size
         self._max_model_len = max_model_len
         self._colbert = colbert
+        self._chat = ChatRenderer(tokenizer, chat_template)
 
     def encode(self, item: Item, options: EncodeOptions, role: Role) -> Sequence:
         if isinstance(item, MultiModalItem):
@@ -173,34 +179,29 @@ class BertProcessor(InputProcessor):
     def encode_many(self, items: Seq[Item], options: EncodeOptions, role: Role) -> list[Sequence]:
         """Raw-mode text goes through the tokenizer in one batched call; anything else item by item."""
         raw = options.embedding_mode in (EmbeddingMode.RAW, EmbeddingMode.AUTO)
-        if not (raw and len(items) > 1 and self._tokenizer.is_fast and all(isinstance(i, TextItem) for i in items)):
+        if not (raw and len(items) > 1 and all(isinstance(i, TextItem) for i in items)):
             return super().encode_many(items, options, role)
         limit = options.truncate_prompt_tokens
         if limit == -1:
             limit = self._max_model_len
         texts = [item.text for item in items if isinstance(item, TextItem)]
-        batch = self._tokenizer(
-            texts, add_special_tokens=options.add_special_tokens, return_attention_mask=False, verbose=False
-        )
         sequences = []
-        for k in range(len(texts)):
-            ids = self._cut_text(list(batch["input_ids"][k]), batch.sequence_ids(k), limit, options.truncation_side)
+        for encoded in self._tokenizer.encode_batch(texts, add_special_tokens=options.add_special_tokens):
+            ids = self._cut_text(encoded, limit, options.truncation_side)
             sequences.append(Sequence(ids=tuple(ids), prompt_tokens=len(ids)))
         return sequences
 
     def _encode_text(self, text: str, special: bool, limit: int | None, side: TruncationSide) -> list[int]:
-        encoding = self._tokenizer(text, add_special_tokens=special, return_attention_mask=False, verbose=False)
-        sequence_ids = encoding.sequence_ids() if self._tokenizer.is_fast else []
-        return self._cut_text(list(encoding["input_ids"]), sequence_ids, limit, side)
+        return self._cut_text(self._tokenizer.encode(text, add_special_tokens=special), limit, side)
 
-    def _cut_text(
-        self, ids: list[int], sequence_ids: Seq[int | None], limit: int | None, side: TruncationSide
-    ) -> list[int]:
+    @staticmethod
+    def _cut_text(encoded: Encoded, limit: int | None, side: TruncationSide) -> list[int]:
         """vLLM truncates text inside the tokenizer, which drops text tokens and keeps the template's
         special tokens ([CLS] ... [SEP]); only when even those do not fit does it cut the final list."""
-        if limit is None or len(ids) <= limit or not self._tokenizer.is_fast:
+        ids = encoded.ids
+        if limit is None or len(ids) <= limit:
             return _truncate(ids, limit, side)
-        text_positions = [i for i, s in enumerate(sequence_ids) if s is not None]
+        text_positions = [i for i, s in enumerate(encoded.sequence_ids) if s is not None]
         excess = len(ids) - limit
         if excess > len(text_positions):
             return _truncate(ids, limit, side)
@@ -208,15 +209,31 @@ class BertProcessor(InputProcessor):
         return [t for i, t in enumerate(ids) if i not in dropped]
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def token_strings(self, ids: Seq[int]) -> list[str]:
         self._check_ids(ids, len(self._tokenizer), field="tokens")
-        return [str(t) for t in self._tokenizer.convert_ids_to_tokens(list(ids))]
+        return [str(t) for t in self._tokenizer.convert_ids_to_tokens(ids)]
 
     def detokenize(self, ids: Seq[int]) -> str:
         self._check_ids(ids, len(self._tokenizer), field="tokens")
-        return str(self._tokenizer.decode(list(ids)))
+        return self._tokenizer.decode(ids)
+
+    def render_chat(
+        self,
+        messages: Seq[dict[str, Any]],
+        add_generation_prompt: bool,
+        *,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The --chat-template, else the checkpoint's own template, applied as transformers applies it."""
+        return self._chat.render(
+            messages,
+            add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template_kwargs=chat_template_kwargs,
+        )
 
     @staticmethod
     def _check_ids(ids: Seq[int], size: int, *, field: str) -> None:

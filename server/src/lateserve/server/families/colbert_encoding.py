@@ -28,7 +28,7 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lateserve.server.domain import (
     EmbeddingMode,
@@ -40,9 +40,7 @@ from lateserve.server.domain import (
     TextItem,
 )
 from lateserve.server.families.base import ModelSource
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from lateserve.server.families.tokenizer import TextTokenizer
 
 STANFORD_METADATA = "artifact.metadata"
 ST_CONFIG = "config_sentence_transformers.json"
@@ -156,22 +154,22 @@ class ColbertEncoder:
     an expansion token still serves raw mode; only the faithful modes then fail, per request.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ColbertEncodingConfig) -> None:
+    def __init__(self, tokenizer: TextTokenizer, config: ColbertEncodingConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        vocab: dict[str, int] = dict(tokenizer.get_vocab())
+        vocab = tokenizer.get_vocab()
         self.query_prefix_id = vocab.get(config.query_prefix) if config.query_prefix else None
         self.document_prefix_id = vocab.get(config.document_prefix) if config.document_prefix else None
         self.expansion_id = _first_id(tokenizer.mask_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
         skip = (_token_id(tokenizer, w) for w in config.skiplist_words)
         self.skiplist_ids = frozenset(i for i in skip if i is not None)
-        self.pad_left = getattr(tokenizer, "padding_side", "right") == "left"
+        self.pad_left = tokenizer.padding_side == "left"
 
     @classmethod
     def from_checkpoint(
         cls,
         source: ModelSource,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: TextTokenizer,
         *,
         default_query_prefix: str = STANFORD_QUERY_PREFIX,
         default_document_prefix: str = STANFORD_DOCUMENT_PREFIX,
@@ -245,15 +243,7 @@ class ColbertEncoder:
         text = text.strip()
         if self.config.lowercase:
             text = text.lower()
-        encoding = self.tokenizer(
-            text,
-            add_special_tokens=True,
-            truncation="longest_first",
-            max_length=max_tokens,
-            return_attention_mask=False,
-            verbose=False,
-        )
-        return list(encoding["input_ids"])
+        return self.tokenizer.encode(text, add_special_tokens=True, max_length=max_tokens).ids
 
     def _prefix_id(self, resolved: int | None, token: str, role: str) -> int | None:
         if not token:
@@ -280,10 +270,9 @@ def _first_id(*candidates: int | None) -> int | None:
     return next((int(c) for c in candidates if c is not None), None)
 
 
-def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
+def _token_id(tokenizer: TextTokenizer, token: str) -> int | None:
     """convert_tokens_to_ids as PyLate calls it: unknown words map to the unk id when there is one."""
-    value = tokenizer.convert_tokens_to_ids(token)
-    return int(value) if isinstance(value, int) else None
+    return tokenizer.convert_tokens_to_ids(token)
 
 
 def _read(source: ModelSource, relative: str) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ no LoRA weights, so the plain backbone is what vLLM runs too. A checkpoint with 
 parametrizations (jina-embeddings-v3: `...parametrizations.weight.original`, `lora_A`, `lora_B`)
 is refused with those names rather than silently merged or dropped.
 
-torch and transformers are imported only inside the runner and the tokenizer loader.
+torch and transformers are imported only inside the runner; the tokenizer is `tokenizer.TextTokenizer`.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from lateserve.server.families.base import Family, ModelSource
 from lateserve.server.families.batching import TokenEmbedRunner
 from lateserve.server.families.colbert import BertProcessor, projection_dim
 from lateserve.server.families.colbert_encoding import STANFORD_METADATA, ColbertEncoder
+from lateserve.server.families.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 
@@ -196,7 +196,7 @@ class JinaColBERT(Family):
 
     def processor(self) -> BertProcessor:
         # Never remote code, even with --trust-remote-code: config.json's auto_map points at Jina's
-        # modeling code, which would be fetched and run just to find the (stock XLM-R) tokenizer.
+        # modeling code, and the (stock XLM-R) tokenizer is plain tokenizer.json data anyway.
         tokenizer = loading.load_tokenizer(self.source.path, trust_remote_code=False)
         vocab_size = int(self.source.config.get("vocab_size") or len(tokenizer))
         return BertProcessor(
@@ -205,13 +205,14 @@ class JinaColBERT(Family):
             vocab_size=vocab_size,
             max_model_len=self._max_model_len,
             colbert=faithful_encoder(self.source, tokenizer),
+            chat_template=self.source.chat_template,
         )
 
     def runner(self, device: str, dtype: str) -> JinaRunner:
         return JinaRunner(self.source, dim=self._token_dim, device=device, dtype=dtype)
 
 
-def faithful_encoder(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> ColbertEncoder:
+def faithful_encoder(source: ModelSource, tokenizer: TextTokenizer) -> ColbertEncoder:
     """PyLate's query/document encoding with Jina's defaults: `[QueryMarker]` / `[DocumentMarker]`, and
     expansion tokens attended (the model card's `attend_to_expansion_tokens=True`) unless
     artifact.metadata says otherwise through attend_to_mask_tokens."""

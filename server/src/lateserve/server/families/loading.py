@@ -1,7 +1,8 @@
 """Checkpoint I/O shared by families: safetensors headers and tensors, tokenizers, strict loading.
 
-torch, safetensors and transformers are imported inside the functions that need them: the server
-process reads headers and tokenizers, and only worker processes ever hold weights.
+torch, safetensors and transformers are imported inside the functions that need them, and only
+worker processes call those: the server process reads headers and tokenizers (through `tokenizer`,
+which needs the `tokenizers` library alone) and never imports torch.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import TYPE_CHECKING
 
 from lateserve.server.domain import ModelLoadError
 from lateserve.server.families.base import ModelSource
+from lateserve.server.families.tokenizer import TextTokenizer, load_text_tokenizer
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # A safetensors header is JSON of a few KB per tensor; anything bigger means a corrupt or foreign file.
@@ -94,17 +95,14 @@ def load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The checkpoint's own tokenizer; remote code only when the user asked for it."""
-    from transformers import AutoTokenizer
+def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> TextTokenizer:
+    """The checkpoint's own tokenizer, from its tokenizer.json (or BERT vocab.txt), without transformers.
 
-    try:
-        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-            str(model_dir), trust_remote_code=trust_remote_code
-        )
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {model_dir}: {exc}") from exc
-    return tokenizer
+    `trust_remote_code` is accepted for the families' sake and changes nothing: a tokenizer.json is
+    data, and a checkpoint whose tokenizer exists only as remote code has none (ModelLoadError).
+    """
+    del trust_remote_code
+    return load_text_tokenizer(model_dir)
 
 
 def load_state_dict_strict(

@@ -128,6 +128,7 @@ class StColBERT(Family):
             vocab_size=int(self.source.config.get("vocab_size") or len(tokenizer)),
             max_model_len=self._max_model_len,
             colbert=colbert,
+            chat_template=self.source.chat_template,
         )
 
     def runner(self, device: str, dtype: str) -> StColbertRunner:
