@@ -19,8 +19,12 @@ from lateserve.server.families.base import Family, ModelSource
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "HF_ColBERT": ("lateserve.server.families.colbert", "BertColBERT"),
     "ColBERTModel": ("lateserve.server.families.colbert", "BertColBERT"),
-    # Plain BERT encoders (the bundled all-MiniLM-L6-v2) serve their normalised token states.
-    "BertModel": ("lateserve.server.families.colbert", "BertColBERT"),
+    # Plain BERT / XLM-R encoders: a Sentence-Transformers bi-encoder when modules.json has a Pooling module,
+    # else (BERT) their normalised token states as late interaction (st_embed.encoder_family decides).
+    "BertModel": ("lateserve.server.families.st_embed", "encoder_family"),
+    "XLMRobertaModel": ("lateserve.server.families.st_embed", "encoder_family"),
+    "BertForSequenceClassification": ("lateserve.server.families.cross_encoder", "CrossEncoder"),
+    "XLMRobertaForSequenceClassification": ("lateserve.server.families.cross_encoder", "CrossEncoder"),
     # Sentence-Transformers/PyLate layouts; config.json says ModernBertModel / Lfm2Model, so these are
     # chosen with --hf-overrides '{"architectures": [...]}' exactly as vLLM documents.
     "ColBERTModernBertModel": ("lateserve.server.families.st_colbert", "StColBERT"),
