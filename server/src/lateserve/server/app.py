@@ -80,6 +80,8 @@ class Server:
             trust_remote_code=cfg.trust_remote_code,
             max_model_len=cfg.max_model_len,
             chat_template=cfg.chat_template,
+            media=cfg.media,
+            mm_processor_kwargs=cfg.mm_processor_kwargs,
         )
         family = family_for(source)
         spec = family.spec()
@@ -124,7 +126,7 @@ class Server:
             max_queued_tokens=cfg.max_queued_tokens,
             max_queued_bytes=cfg.max_queued_bytes,
             prepare_threads=cfg.prepare_threads or min(4, usable_cores()),
-            max_images_per_prompt=int(cfg.limit_mm_per_prompt.get("image", 8)),
+            max_images_per_prompt=cfg.media.max_images_per_prompt,
             doc_cache_bytes=cfg.doc_cache_mb << 20 if spec.kind == ModelKind.LATE_INTERACTION else 0,
             faithful_scoring=cfg.scoring_embedding_mode == "faithful",
         )

@@ -8,9 +8,9 @@ import json
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from lateserve.server.config import ServerConfig
+from lateserve.server.media import MediaPolicy
 
 
 def _json_arg(value: str) -> dict[str, object]:
@@ -21,12 +21,6 @@ def _json_arg(value: str) -> dict[str, object]:
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return parsed
-
-
-def _chat_template(value: str) -> str:
-    """A path to a template file, or the template itself (as vLLM)."""
-    path = Path(value)
-    return path.read_text(encoding="utf-8") if path.is_file() else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default="")
     serve.add_argument("--hf-overrides", type=_json_arg, default={})
     serve.add_argument("--trust-remote-code", action="store_true")
-    serve.add_argument("--chat-template", type=_chat_template, default=None)
+    serve.add_argument(
+        "--chat-template", default=None, help="a template file, the template itself, or a checkpoint template's name"
+    )
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--runner", choices=["pooling", "auto"], default="pooling", help="accepted for vLLM parity")
     serve.add_argument(
@@ -85,13 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--prepare-threads", type=int, default=0, help="threads for input preparation off the event loop (0: auto)"
     )
-    serve.add_argument(
-        "--limit-mm-per-prompt", type=_json_arg, default={}, help="media items per input, e.g. '{\"image\": 4}'"
-    )
+    serve.add_argument("--limit-mm-per-prompt", default=None, help="images per input, e.g. '{\"image\": 4}' (8)")
     serve.add_argument(
         "--allowed-media-domains", nargs="*", default=[], help="hosts image_url may fetch from over http(s)"
     )
     serve.add_argument("--allowed-local-media-path", default="", help="directory file:// image URLs may read")
+    serve.add_argument("--max-image-bytes", type=int, default=None, help="bytes per image (default 20 MiB)")
+    serve.add_argument("--max-image-pixels", type=int, default=None, help="decoded pixels per image (50M)")
+    serve.add_argument("--max-image-aspect-ratio", type=float, default=None, help="longest/shortest side (200)")
+    serve.add_argument("--media-fetch-timeout", type=float, default=None, help="seconds per http(s) image (10)")
     serve.add_argument(
         "--mm-processor-kwargs", type=_json_arg, default={}, help="image processor settings, e.g. '{\"max_pixels\": N}'"
     )
@@ -103,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--max-body-mb", type=int, default=32)
     gw.add_argument("--log-level", default="INFO")
     return parser
+
+
+def _media_policy(ns: argparse.Namespace) -> MediaPolicy:
+    try:
+        return MediaPolicy.from_flags(
+            allowed_media_domains=ns.allowed_media_domains,
+            allowed_local_media_path=ns.allowed_local_media_path,
+            limit_mm_per_prompt=ns.limit_mm_per_prompt,
+            max_image_bytes=ns.max_image_bytes,
+            max_image_pixels=ns.max_image_pixels,
+            max_aspect_ratio=ns.max_image_aspect_ratio,
+            fetch_timeout_s=ns.media_fetch_timeout,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"lateserve: {exc}") from exc
 
 
 def config_from_args(ns: argparse.Namespace) -> ServerConfig:
@@ -133,9 +146,7 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         score_type=ns.score_type,
         max_queued_bytes=ns.max_queued_mb << 20,
         prepare_threads=ns.prepare_threads,
-        limit_mm_per_prompt={str(k): v for k, v in ns.limit_mm_per_prompt.items()},
-        allowed_media_domains=tuple(ns.allowed_media_domains),
-        allowed_local_media_path=ns.allowed_local_media_path,
+        media=_media_policy(ns),
         mm_processor_kwargs=ns.mm_processor_kwargs,
     )
 

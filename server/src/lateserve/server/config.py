@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lateserve.server.media import MediaPolicy
+
 DEFAULT_SERVED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -45,10 +47,10 @@ class ServerConfig:
     max_queued_bytes: int = 1 << 30
     prepare_threads: int = 0
     """Threads preparing inputs (tokenize, template, image decode) off the event loop; 0: min(4, cores)."""
-    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
-    allowed_media_domains: tuple[str, ...] = ()
-    allowed_local_media_path: str = ""
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    """Where image inputs may come from and how big they may be (--allowed-media-domains, ...)."""
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Image processor settings for every request (e.g. max_pixels), vLLM's --mm-processor-kwargs."""
 
 
 def default_model_path() -> str:

@@ -93,7 +93,39 @@ class MultiModalItem:
     parts: tuple[Part, ...]
 
 
-Item = TextItem | TokenItem | MultiModalItem
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One chat message: a role and its content parts (text and images, in order)."""
+
+    role: str
+    parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatItem:
+    """Chat messages to render with the chat template (vLLM's `messages`); rendered during input
+    preparation, off the event loop, into a RenderedChat."""
+
+    messages: tuple[ChatMessage, ...]
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    template_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def images(self) -> tuple[ImagePart, ...]:
+        return tuple(p for m in self.messages for p in m.parts if isinstance(p, ImagePart))
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedChat:
+    """A chat rendered by its template: the prompt text, with each image's placeholder where the
+    template put it, and the images in the order their placeholders appear."""
+
+    text: str
+    images: tuple[ImagePart, ...] = ()
+
+
+Item = TextItem | TokenItem | MultiModalItem | ChatItem | RenderedChat
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +194,10 @@ class Tensor:
         return np.frombuffer(self.data, dtype=TENSOR_DTYPES[self.dtype].newbyteorder("<")).reshape(self.shape)
 
     def to_float32(self) -> npt.NDArray[np.float32]:
+        """float32 as a zero-copy read-only view (outputs are unpacked on the event loop); others converted."""
         a = self.to_numpy()
+        if self.dtype == "float32":
+            return a
         if self.dtype == "bfloat16":
             return (a.astype(np.uint32) << 16).view(np.float32)
         return a.astype(np.float32)

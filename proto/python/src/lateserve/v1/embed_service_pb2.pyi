@@ -33,6 +33,7 @@ class EmbedRequest(_message.Message):
     NORMALIZE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     dimensions: _builtins.int
@@ -45,7 +46,7 @@ class EmbedRequest(_message.Message):
     """Caller's request id; generated when empty."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
-        """The inputs (completion form). Exactly one of inputs or messages is set."""
+        """The inputs (completion form). Exactly one of inputs or messages is set (both: INVALID_ARGUMENT)."""
 
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
@@ -54,6 +55,10 @@ class EmbedRequest(_message.Message):
     @_builtins.property
     def options(self) -> _common_pb2.EncodeOptions:
         """Tokenization options."""
+
+    @_builtins.property
+    def chat(self) -> _common_pb2.ChatOptions:
+        """How messages are rendered; only with messages (INVALID_ARGUMENT otherwise)."""
 
     def __init__(
         self,
@@ -66,10 +71,11 @@ class EmbedRequest(_message.Message):
         normalize: _builtins.bool | None = ...,
         dtype: _common_pb2.Dtype.ValueType = ...,
         request_id: _builtins.str = ...,
+        chat: _common_pb2.ChatOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "dimensions", b"dimensions", "normalize", b"normalize", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "chat", b"chat", "dimensions", b"dimensions", "normalize", b"normalize", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "dimensions", b"dimensions", "dtype", b"dtype", "inputs", b"inputs", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "chat", b"chat", "dimensions", b"dimensions", "dtype", b"dtype", "inputs", b"inputs", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lateserve.v1 import common_pb2 as lateserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flateserve/v1/pool_service.proto\x12\x0clateserve.v1\x1a\x19lateserve/v1/common.proto\"@\n\rLexicalWeight\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02\"\xc3\x02\n\x0bPoolRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.lateserve.v1.Input\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.lateserve.v1.ChatMessage\x12\'\n\x04task\x18\x04 \x01(\x0e\x32\x19.lateserve.v1.PoolingTask\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.lateserve.v1.EncodeOptions\x12\"\n\x05\x64type\x18\x06 \x01(\x0e\x32\x13.lateserve.v1.Dtype\x12\x16\n\tnormalize\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x1e\n\x16return_lexical_weights\x18\t \x01(\x08\x42\x0c\n\n_normalize\"u\n\nPoolOutput\x12\r\n\x05index\x18\x01 \x01(\x05\x12\"\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x14.lateserve.v1.Tensor\x12\x34\n\x0flexical_weights\x18\x03 \x03(\x0b\x32\x1b.lateserve.v1.LexicalWeight\"\xa0\x01\n\x0cPoolResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.lateserve.v1.PoolOutput\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.lateserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.lateserve.v1.Timings\"\xfb\x02\n\x11StreamPoolRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.lateserve.v1.Input\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.lateserve.v1.ChatMessage\x12\'\n\x04task\x18\x04 \x01(\x0e\x32\x19.lateserve.v1.PoolingTask\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.lateserve.v1.EncodeOptions\x12\"\n\x05\x64type\x18\x06 \x01(\x0e\x32\x13.lateserve.v1.Dtype\x12\x16\n\tnormalize\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x1e\n\x16return_lexical_weights\x18\t \x01(\x08\x12\x1c\n\x0fmax_chunk_bytes\x18\n \x01(\x05H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x12\n\x10_max_chunk_bytes\"\x85\x02\n\x12StreamPoolResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\"\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x14.lateserve.v1.Tensor\x12\x12\n\nrow_offset\x18\x03 \x01(\x03\x12\x12\n\ntotal_rows\x18\x04 \x01(\x03\x12\x12\n\nlast_chunk\x18\x05 \x01(\x08\x12\x34\n\x0flexical_weights\x18\x06 \x03(\x0b\x32\x1b.lateserve.v1.LexicalWeight\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.lateserve.v1.Usage\x12&\n\x07timings\x18\x08 \x01(\x0b\x32\x15.lateserve.v1.Timings2\x9f\x01\n\x0bPoolService\x12=\n\x04Pool\x12\x19.lateserve.v1.PoolRequest\x1a\x1a.lateserve.v1.PoolResponse\x12Q\n\nStreamPool\x12\x1f.lateserve.v1.StreamPoolRequest\x1a .lateserve.v1.StreamPoolResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flateserve/v1/pool_service.proto\x12\x0clateserve.v1\x1a\x19lateserve/v1/common.proto\"@\n\rLexicalWeight\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02\"\xec\x02\n\x0bPoolRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.lateserve.v1.Input\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.lateserve.v1.ChatMessage\x12\'\n\x04task\x18\x04 \x01(\x0e\x32\x19.lateserve.v1.PoolingTask\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.lateserve.v1.EncodeOptions\x12\"\n\x05\x64type\x18\x06 \x01(\x0e\x32\x13.lateserve.v1.Dtype\x12\x16\n\tnormalize\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x1e\n\x16return_lexical_weights\x18\t \x01(\x08\x12\'\n\x04\x63hat\x18\n \x01(\x0b\x32\x19.lateserve.v1.ChatOptionsB\x0c\n\n_normalize\"u\n\nPoolOutput\x12\r\n\x05index\x18\x01 \x01(\x05\x12\"\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x14.lateserve.v1.Tensor\x12\x34\n\x0flexical_weights\x18\x03 \x03(\x0b\x32\x1b.lateserve.v1.LexicalWeight\"\xa0\x01\n\x0cPoolResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.lateserve.v1.PoolOutput\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.lateserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.lateserve.v1.Timings\"\xa4\x03\n\x11StreamPoolRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.lateserve.v1.Input\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.lateserve.v1.ChatMessage\x12\'\n\x04task\x18\x04 \x01(\x0e\x32\x19.lateserve.v1.PoolingTask\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.lateserve.v1.EncodeOptions\x12\"\n\x05\x64type\x18\x06 \x01(\x0e\x32\x13.lateserve.v1.Dtype\x12\x16\n\tnormalize\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x1e\n\x16return_lexical_weights\x18\t \x01(\x08\x12\x1c\n\x0fmax_chunk_bytes\x18\n \x01(\x05H\x01\x88\x01\x01\x12\'\n\x04\x63hat\x18\x0b \x01(\x0b\x32\x19.lateserve.v1.ChatOptionsB\x0c\n\n_normalizeB\x12\n\x10_max_chunk_bytes\"\x85\x02\n\x12StreamPoolResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\"\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x14.lateserve.v1.Tensor\x12\x12\n\nrow_offset\x18\x03 \x01(\x03\x12\x12\n\ntotal_rows\x18\x04 \x01(\x03\x12\x12\n\nlast_chunk\x18\x05 \x01(\x08\x12\x34\n\x0flexical_weights\x18\x06 \x03(\x0b\x32\x1b.lateserve.v1.LexicalWeight\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.lateserve.v1.Usage\x12&\n\x07timings\x18\x08 \x01(\x0b\x32\x15.lateserve.v1.Timings2\x9f\x01\n\x0bPoolService\x12=\n\x04Pool\x12\x19.lateserve.v1.PoolRequest\x1a\x1a.lateserve.v1.PoolResponse\x12Q\n\nStreamPool\x12\x1f.lateserve.v1.StreamPoolRequest\x1a .lateserve.v1.StreamPoolResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEXICALWEIGHT']._serialized_start=76
   _globals['_LEXICALWEIGHT']._serialized_end=140
   _globals['_POOLREQUEST']._serialized_start=143
-  _globals['_POOLREQUEST']._serialized_end=466
-  _globals['_POOLOUTPUT']._serialized_start=468
-  _globals['_POOLOUTPUT']._serialized_end=585
-  _globals['_POOLRESPONSE']._serialized_start=588
-  _globals['_POOLRESPONSE']._serialized_end=748
-  _globals['_STREAMPOOLREQUEST']._serialized_start=751
-  _globals['_STREAMPOOLREQUEST']._serialized_end=1130
-  _globals['_STREAMPOOLRESPONSE']._serialized_start=1133
-  _globals['_STREAMPOOLRESPONSE']._serialized_end=1394
-  _globals['_POOLSERVICE']._serialized_start=1397
-  _globals['_POOLSERVICE']._serialized_end=1556
+  _globals['_POOLREQUEST']._serialized_end=507
+  _globals['_POOLOUTPUT']._serialized_start=509
+  _globals['_POOLOUTPUT']._serialized_end=626
+  _globals['_POOLRESPONSE']._serialized_start=629
+  _globals['_POOLRESPONSE']._serialized_end=789
+  _globals['_STREAMPOOLREQUEST']._serialized_start=792
+  _globals['_STREAMPOOLREQUEST']._serialized_end=1212
+  _globals['_STREAMPOOLRESPONSE']._serialized_start=1215
+  _globals['_STREAMPOOLRESPONSE']._serialized_end=1476
+  _globals['_POOLSERVICE']._serialized_start=1479
+  _globals['_POOLSERVICE']._serialized_end=1638
 # @@protoc_insertion_point(module_scope)

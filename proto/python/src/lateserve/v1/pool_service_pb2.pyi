@@ -64,6 +64,7 @@ class PoolRequest(_message.Message):
     NORMALIZE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     RETURN_LEXICAL_WEIGHTS_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     task: _common_pb2.PoolingTask.ValueType
@@ -78,7 +79,7 @@ class PoolRequest(_message.Message):
     """token_classify on a sparse model: also return lexical weights per input."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
-        """The inputs (completion form). Exactly one of inputs or messages is set."""
+        """The inputs (completion form). Exactly one of inputs or messages is set (both: INVALID_ARGUMENT)."""
 
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
@@ -87,6 +88,10 @@ class PoolRequest(_message.Message):
     @_builtins.property
     def options(self) -> _common_pb2.EncodeOptions:
         """Tokenization options."""
+
+    @_builtins.property
+    def chat(self) -> _common_pb2.ChatOptions:
+        """How messages are rendered; only with messages (INVALID_ARGUMENT otherwise)."""
 
     def __init__(
         self,
@@ -100,10 +105,11 @@ class PoolRequest(_message.Message):
         normalize: _builtins.bool | None = ...,
         request_id: _builtins.str = ...,
         return_lexical_weights: _builtins.bool = ...,
+        chat: _common_pb2.ChatOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "normalize", b"normalize", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "chat", b"chat", "normalize", b"normalize", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "dtype", b"dtype", "inputs", b"inputs", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "chat", b"chat", "dtype", b"dtype", "inputs", b"inputs", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
@@ -207,6 +213,7 @@ class StreamPoolRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     RETURN_LEXICAL_WEIGHTS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     task: _common_pb2.PoolingTask.ValueType
@@ -223,7 +230,7 @@ class StreamPoolRequest(_message.Message):
     """Largest tensor payload per message in bytes; unset or 0: 1 MiB."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
-        """The inputs (completion form). Exactly one of inputs or messages is set."""
+        """The inputs (completion form). Exactly one of inputs or messages is set (both: INVALID_ARGUMENT)."""
 
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
@@ -232,6 +239,10 @@ class StreamPoolRequest(_message.Message):
     @_builtins.property
     def options(self) -> _common_pb2.EncodeOptions:
         """Tokenization options."""
+
+    @_builtins.property
+    def chat(self) -> _common_pb2.ChatOptions:
+        """How messages are rendered; only with messages (INVALID_ARGUMENT otherwise)."""
 
     def __init__(
         self,
@@ -246,10 +257,11 @@ class StreamPoolRequest(_message.Message):
         request_id: _builtins.str = ...,
         return_lexical_weights: _builtins.bool = ...,
         max_chunk_bytes: _builtins.int | None = ...,
+        chat: _common_pb2.ChatOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "max_chunk_bytes", b"max_chunk_bytes", "normalize", b"normalize", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "chat", b"chat", "max_chunk_bytes", b"max_chunk_bytes", "normalize", b"normalize", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "dtype", b"dtype", "inputs", b"inputs", "max_chunk_bytes", b"max_chunk_bytes", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "chat", b"chat", "dtype", b"dtype", "inputs", b"inputs", "max_chunk_bytes", b"max_chunk_bytes", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_chunk_bytes: _TypeAlias = _typing.Literal["max_chunk_bytes"]  # noqa: Y015
     _WhichOneofArgType__max_chunk_bytes: _TypeAlias = _typing.Literal["_max_chunk_bytes", b"_max_chunk_bytes"]  # noqa: Y015

@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from lateserve.v1 import common_pb2 as lateserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#lateserve/v1/tokenize_service.proto\x12\x0clateserve.v1\x1a\x19lateserve/v1/common.proto\"\xee\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.lateserve.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x11return_token_strs\x18\x05 \x01(\x08\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x15\n\x13_add_special_tokensB\x18\n\x16_add_generation_prompt\"\\\n\x10TokenizeResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x12\n\ntoken_strs\x18\x04 \x03(\t\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"$\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t2\xad\x01\n\x0fTokenizeService\x12I\n\x08Tokenize\x12\x1d.lateserve.v1.TokenizeRequest\x1a\x1e.lateserve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.lateserve.v1.DetokenizeRequest\x1a .lateserve.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#lateserve/v1/tokenize_service.proto\x12\x0clateserve.v1\x1a\x19lateserve/v1/common.proto\"\x9b\x02\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.lateserve.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x11return_token_strs\x18\x05 \x01(\x08\x12&\n\x15\x61\x64\x64_generation_prompt\x18\x06 \x01(\x08\x42\x02\x18\x01H\x01\x88\x01\x01\x12\'\n\x04\x63hat\x18\x07 \x01(\x0b\x32\x19.lateserve.v1.ChatOptionsB\x15\n\x13_add_special_tokensB\x18\n\x16_add_generation_prompt\"\\\n\x10TokenizeResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x12\n\ntoken_strs\x18\x04 \x03(\t\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"$\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t2\xad\x01\n\x0fTokenizeService\x12I\n\x08Tokenize\x12\x1d.lateserve.v1.TokenizeRequest\x1a\x1e.lateserve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.lateserve.v1.DetokenizeRequest\x1a .lateserve.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lateserve.v1.tokenize_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TOKENIZEREQUEST'].fields_by_name['add_generation_prompt']._loaded_options = None
+  _globals['_TOKENIZEREQUEST'].fields_by_name['add_generation_prompt']._serialized_options = b'\030\001'
   _globals['_TOKENIZEREQUEST']._serialized_start=81
-  _globals['_TOKENIZEREQUEST']._serialized_end=319
-  _globals['_TOKENIZERESPONSE']._serialized_start=321
-  _globals['_TOKENIZERESPONSE']._serialized_end=413
-  _globals['_DETOKENIZEREQUEST']._serialized_start=415
-  _globals['_DETOKENIZEREQUEST']._serialized_end=465
-  _globals['_DETOKENIZERESPONSE']._serialized_start=467
-  _globals['_DETOKENIZERESPONSE']._serialized_end=503
-  _globals['_TOKENIZESERVICE']._serialized_start=506
-  _globals['_TOKENIZESERVICE']._serialized_end=679
+  _globals['_TOKENIZEREQUEST']._serialized_end=364
+  _globals['_TOKENIZERESPONSE']._serialized_start=366
+  _globals['_TOKENIZERESPONSE']._serialized_end=458
+  _globals['_DETOKENIZEREQUEST']._serialized_start=460
+  _globals['_DETOKENIZEREQUEST']._serialized_end=510
+  _globals['_DETOKENIZERESPONSE']._serialized_start=512
+  _globals['_DETOKENIZERESPONSE']._serialized_end=548
+  _globals['_TOKENIZESERVICE']._serialized_start=551
+  _globals['_TOKENIZESERVICE']._serialized_end=724
 # @@protoc_insertion_point(module_scope)

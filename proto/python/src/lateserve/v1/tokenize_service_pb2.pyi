@@ -17,6 +17,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -31,6 +36,7 @@ class TokenizeRequest(_message.Message):
     ADD_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
     RETURN_TOKEN_STRS_FIELD_NUMBER: _builtins.int
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     prompt: _builtins.str
@@ -39,11 +45,27 @@ class TokenizeRequest(_message.Message):
     """Add special tokens; unset: true for a prompt, false for messages (as vLLM)."""
     return_token_strs: _builtins.bool
     """Also return each token's string."""
-    add_generation_prompt: _builtins.bool
-    """Chat form: append the generation prompt; unset: true (as vLLM)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def add_generation_prompt(self) -> _builtins.bool:
+        """Chat form: append the generation prompt; unset: true (as vLLM). Superseded by
+        chat.add_generation_prompt, which wins when both are set.
+        """
+
+    @add_generation_prompt.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def add_generation_prompt(self, value: _builtins.bool) -> None:
+        """Chat form: append the generation prompt; unset: true (as vLLM). Superseded by
+        chat.add_generation_prompt, which wins when both are set.
+        """
+
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """The chat form, rendered with the chat template first."""
+
+    @_builtins.property
+    def chat(self) -> _common_pb2.ChatOptions:
+        """How messages are rendered; only with messages."""
 
     def __init__(
         self,
@@ -54,10 +76,11 @@ class TokenizeRequest(_message.Message):
         add_special_tokens: _builtins.bool | None = ...,
         return_token_strs: _builtins.bool = ...,
         add_generation_prompt: _builtins.bool | None = ...,
+        chat: _common_pb2.ChatOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt", "_add_special_tokens", b"_add_special_tokens", "add_generation_prompt", b"add_generation_prompt", "add_special_tokens", b"add_special_tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt", "_add_special_tokens", b"_add_special_tokens", "add_generation_prompt", b"add_generation_prompt", "add_special_tokens", b"add_special_tokens", "chat", b"chat"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt", "_add_special_tokens", b"_add_special_tokens", "add_generation_prompt", b"add_generation_prompt", "add_special_tokens", b"add_special_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "return_token_strs", b"return_token_strs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt", "_add_special_tokens", b"_add_special_tokens", "add_generation_prompt", b"add_generation_prompt", "add_special_tokens", b"add_special_tokens", "chat", b"chat", "messages", b"messages", "model", b"model", "prompt", b"prompt", "return_token_strs", b"return_token_strs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__add_generation_prompt: _TypeAlias = _typing.Literal["add_generation_prompt"]  # noqa: Y015
     _WhichOneofArgType__add_generation_prompt: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt"]  # noqa: Y015

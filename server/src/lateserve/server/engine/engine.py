@@ -23,6 +23,7 @@ import numpy as np
 from lateserve.server import metrics
 from lateserve.server.domain import (
     Array,
+    ChatItem,
     EmbeddingMode,
     EncodeOptions,
     ImagePart,
@@ -38,6 +39,7 @@ from lateserve.server.domain import (
     Sequence,
     ShuttingDown,
     Task,
+    TextItem,
     Timings,
     UnsupportedTask,
     WorkItem,
@@ -149,14 +151,23 @@ class Engine:
         """Cheap checks before any preparation: images only for models that read them, and at most
         --limit-mm-per-prompt images per input."""
         for index, item in enumerate(items):
-            if not isinstance(item, MultiModalItem):
+            if isinstance(item, ChatItem):
+                where = [
+                    f"messages[{m}].content[{k}]"
+                    for m, message in enumerate(item.messages)
+                    for k, part in enumerate(message.parts)
+                    if isinstance(part, ImagePart)
+                ]
+            elif isinstance(item, MultiModalItem):
+                where = [f"{field}[{index}].content[{k}]" for k, p in enumerate(item.parts) if isinstance(p, ImagePart)]
+            else:
                 continue
-            images = [k for k, part in enumerate(item.parts) if isinstance(part, ImagePart)]
+            images = where
             if images and Modality.IMAGE not in self.spec.modalities:
                 raise InvalidArgument(
                     f"{self.spec.architecture} takes text only; image input is not supported by this model",
                     reason=reasons.UNSUPPORTED_INPUT,
-                    field=f"{field}[{index}].content[{images[0]}]",
+                    field=where[0],
                 )
             if len(images) > self.max_images_per_prompt:
                 raise InvalidArgument(
@@ -180,9 +191,17 @@ class Engine:
                     metadata={"maxModelLen": str(limit), "inputTokens": str(n), "item": f"{field}[{index}]"},
                 )
 
+    def render(self, item: Item) -> Item:
+        """Chat messages through the template (a text-only chat becomes plain text for the family)."""
+        if not isinstance(item, ChatItem):
+            return item
+        rendered = self.processor.render(item)
+        return rendered if rendered.images else TextItem(rendered.text)
+
     def tokenize(self, items: Seq[Item], options: EncodeOptions, role: Role, field: str) -> list[Sequence]:
         """Prepare items (synchronously: call through `prepare`) and enforce max_model_len."""
         options = self.resolve_options(options)
+        items = [self.render(item) for item in items]
         try:
             sequences = self.processor.encode_many(items, options, role)
         except InvalidArgument:

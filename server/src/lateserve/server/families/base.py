@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lateserve.server.domain import (
+    ChatItem,
     EncodeOptions,
     Item,
     ItemOutputs,
     ModelSpec,
+    RenderedChat,
     Role,
     Sequence,
+    TextPart,
     WorkItem,
 )
+from lateserve.server.media import MediaPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +45,10 @@ class ModelSource:
     trust_remote_code: bool = False
     max_model_len: int | None = None
     chat_template: str | None = None
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    """Where image inputs may come from and their limits (vision families load images under it)."""
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    """--mm-processor-kwargs: image processor settings over the checkpoint's (e.g. max_pixels)."""
 
     def read_json(self, relative: str) -> dict[str, Any] | None:
         """A JSON file of the checkpoint, or None when absent."""
@@ -84,11 +93,38 @@ class InputProcessor(ABC):
     def detokenize(self, ids: Seq[int]) -> str:
         """Text of token ids; raises InvalidArgument for ids outside the vocabulary."""
 
-    def render_chat(self, messages: Seq[dict[str, Any]], add_generation_prompt: bool) -> str:
-        """Chat messages rendered into one prompt with the chat template."""
+    def render_chat(
+        self,
+        messages: Seq[dict[str, Any]],
+        add_generation_prompt: bool,
+        *,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Chat messages rendered into one prompt with the chat template (families/chat_template.py)."""
         from lateserve.server.domain import InvalidArgument
 
         raise InvalidArgument("this model has no chat template; pass --chat-template", field="messages")
+
+    def render(self, chat: ChatItem) -> RenderedChat:
+        """A ChatItem as its prompt text plus its images in order. Content parts reach the template as
+        Hugging Face passes them: text parts as {"type": "text", "text"}, images as {"type": "image"}."""
+        messages = [
+            {
+                "role": m.role,
+                "content": [
+                    {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in m.parts
+                ],
+            }
+            for m in chat.messages
+        ]
+        text = self.render_chat(
+            messages,
+            chat.add_generation_prompt,
+            continue_final_message=chat.continue_final_message,
+            chat_template_kwargs=dict(chat.template_kwargs),
+        )
+        return RenderedChat(text, chat.images)
 
 
 class ModelRunner(ABC):

@@ -21,10 +21,12 @@ from lateserve.server.domain import (
     ModelLoadError,
     ModelSpec,
     MultiModalItem,
+    RenderedChat,
     Role,
     Sequence,
     Task,
     TextItem,
+    TokenItem,
     TruncationSide,
     Unimplemented,
     WorkItem,
@@ -169,11 +171,13 @@ class BertProcessor(InputProcessor):
         limit = options.truncate_prompt_tokens
         if limit == -1:
             limit = self._max_model_len
-        if isinstance(item, TextItem):
+        if isinstance(item, TextItem | RenderedChat):  # a chat reaches a text family without images
             ids = self._encode_text(item.text, options.add_special_tokens, limit, options.truncation_side)
-        else:
+        elif isinstance(item, TokenItem):
             ids = _truncate(list(item.ids), limit, options.truncation_side)
             self._check_ids(ids, self._vocab_size, field="input")
+        else:
+            raise InvalidArgument("chat messages must be rendered before encoding", field="messages")
         return Sequence(ids=tuple(ids), prompt_tokens=len(ids))
 
     def encode_many(self, items: Seq[Item], options: EncodeOptions, role: Role) -> list[Sequence]:

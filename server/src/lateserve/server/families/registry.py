@@ -14,6 +14,7 @@ from typing import Any
 
 from lateserve.server.domain import ModelLoadError
 from lateserve.server.families.base import Family, ModelSource
+from lateserve.server.media import MediaPolicy
 
 # architecture -> (module, class). The first entry of config.architectures that is known wins.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -67,6 +68,8 @@ def load_source(
     trust_remote_code: bool = False,
     max_model_len: int | None = None,
     chat_template: str | None = None,
+    media: MediaPolicy | None = None,
+    mm_processor_kwargs: dict[str, Any] | None = None,
 ) -> ModelSource:
     """Reads config.json, merges --hf-overrides (shallow, as vLLM) and returns the source."""
     path = resolve_model_dir(model)
@@ -82,6 +85,8 @@ def load_source(
         trust_remote_code=trust_remote_code,
         max_model_len=max_model_len,
         chat_template=chat_template,
+        media=media or MediaPolicy(),
+        mm_processor_kwargs=dict(mm_processor_kwargs or {}),
     )
 
 

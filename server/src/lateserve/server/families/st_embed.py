@@ -4,8 +4,10 @@ Layout (sentence-transformers/all-MiniLM-L6-v2, BAAI/bge-small-en-v1.5, intfloat
 config.json declares the bare backbone (`BertModel` / `XLMRobertaModel`) with root-level (or `bert.` /
 `roberta.` / `model.` prefixed) keys in model.safetensors; modules.json lists the modules in order:
 `Transformer` (path ""), `Pooling` (`1_Pooling/config.json`), then optionally `Dense` (`2_Dense/`, see
-`st_dense`) and `Normalize` (`2_Normalize`, no files). sentence_bert_config.json caps the input length
-(`max_seq_length`, which the library truncates to and vLLM serves as max_model_len) and may ask for
+`st_dense`) and `Normalize` (`2_Normalize`, no files). sentence_bert_config.json's `max_seq_length`
+(which the library truncates to, and vLLM serves as max_model_len) is NOT a serving limit here: the
+limit is the backbone's positions (and --max-model-len), so the bundled all-MiniLM-L6-v2 keeps serving
+512-token late-interaction inputs as it always has; pass --max-model-len to cap it. It may ask for
 lower-cased input (`do_lower_case`, applied to the text before tokenization, as vLLM does).
 
 Tasks, all from one forward pass in float32 heads:
@@ -247,7 +249,7 @@ class StEmbed(Family):
 
     @cached_property
     def _max_model_len(self) -> int:
-        return encoder_max_model_len(self.source, self.xlmr, self._sbert.get("max_seq_length"))
+        return encoder_max_model_len(self.source, self.xlmr)
 
     def spec(self) -> ModelSpec:
         return ModelSpec(

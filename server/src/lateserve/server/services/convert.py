@@ -6,9 +6,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+
+from google.protobuf import json_format
 
 from lateserve.server.domain import (
+    ChatItem,
+    ChatMessage,
     EmbeddingMode,
     EncodeOptions,
     ImagePart,
@@ -26,6 +29,8 @@ from lateserve.server.domain import (
 )
 from lateserve.server.engine.engine import Engine
 from lateserve.v1 import common_pb2 as pb
+from lateserve.v1 import embed_service_pb2 as embed_pb
+from lateserve.v1 import pool_service_pb2 as pool_pb
 
 TASKS = {
     pb.POOLING_TASK_TOKEN_EMBED: Task.TOKEN_EMBED,
@@ -88,7 +93,9 @@ def items_from_proto(values: Iterable[pb.Input], field: str) -> list[Item]:
     return [item_from_proto(v, f"{field}[{i}]") for i, v in enumerate(values)]
 
 
-def options_from_proto(options: pb.EncodeOptions) -> EncodeOptions:
+def options_from_proto(options: pb.EncodeOptions, *, chat: bool = False) -> EncodeOptions:
+    """Tokenization options. The one place vLLM's add_special_tokens default is applied: true for the
+    completion form, false for chat (the template brings its own special tokens)."""
     if options.embedding_mode not in MODES:
         raise InvalidArgument(f"unknown embedding_mode {options.embedding_mode}", field="embedding_mode")
     return EncodeOptions(
@@ -96,23 +103,60 @@ def options_from_proto(options: pb.EncodeOptions) -> EncodeOptions:
         truncation_side=TruncationSide.RIGHT
         if options.truncation_side == pb.TRUNCATION_SIDE_RIGHT
         else TruncationSide.LEFT,
-        add_special_tokens=options.add_special_tokens if options.HasField("add_special_tokens") else True,
+        add_special_tokens=options.add_special_tokens if options.HasField("add_special_tokens") else not chat,
         embedding_mode=MODES[options.embedding_mode],
     )
 
 
-def messages_to_dicts(messages: Iterable[Any]) -> list[dict[str, Any]]:
-    """Chat messages as the dicts chat templates expect (OpenAI content-part form)."""
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        parts: list[dict[str, Any]] = []
-        for p in m.content:
-            if p.WhichOneof("kind") == "text":
-                parts.append({"type": "text", "text": p.text})
-            else:
-                parts.append({"type": "image_url", "image_url": {"url": p.image_url.url}})
-        out.append({"role": m.role, "content": parts})
-    return out
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "continue_final_message"})
+
+
+def chat_from_proto(
+    messages: Iterable[pb.ChatMessage], options: pb.ChatOptions, *, generation_default: bool = False
+) -> ChatItem:
+    """Chat messages and how to render them. add_generation_prompt defaults differ by route (vLLM:
+    false for pooling and embedding, true for tokenize); the caller says which."""
+    chat = tuple(
+        ChatMessage(m.role, tuple(_part(p, f"messages[{i}].content[{k}]") for k, p in enumerate(m.content)))
+        for i, m in enumerate(messages)
+    )
+    for i, message in enumerate(chat):
+        if not message.role:
+            raise InvalidArgument(f"messages[{i}].role is required", field=f"messages[{i}].role")
+    kwargs = json_format.MessageToDict(options.chat_template_kwargs) if options.HasField("chat_template_kwargs") else {}
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise InvalidArgument(
+            f"chat_template_kwargs may not set {', '.join(reserved)}; use the request field instead",
+            field="chat_template_kwargs",
+        )
+    generation = options.add_generation_prompt if options.HasField("add_generation_prompt") else generation_default
+    if generation and options.continue_final_message:
+        raise InvalidArgument(
+            "continue_final_message and add_generation_prompt cannot both be true", field="continue_final_message"
+        )
+    return ChatItem(chat, generation, options.continue_final_message, tuple(sorted(kwargs.items())))
+
+
+CompletionOrChat = pool_pb.PoolRequest | pool_pb.StreamPoolRequest | embed_pb.EmbedRequest
+"""The request shapes that take either form: Pool, StreamPool and Embed."""
+
+
+def request_inputs(request: CompletionOrChat) -> tuple[list[Item], EncodeOptions]:
+    """The one rule for vLLM's two request forms: `input` (completion) or `messages` (chat), never
+    both; chat options only with messages; the add_special_tokens default follows the form."""
+    if request.inputs and request.messages:
+        raise InvalidArgument("set either input or messages, not both", field="messages")
+    if request.HasField("chat") and not request.messages:
+        raise InvalidArgument(
+            "add_generation_prompt, continue_final_message and chat_template_kwargs apply to messages only",
+            field="chat",
+        )
+    if request.messages:
+        return [chat_from_proto(request.messages, request.chat)], options_from_proto(request.options, chat=True)
+    if not request.inputs:
+        raise InvalidArgument("input must not be empty", field="input")
+    return items_from_proto(request.inputs, "input"), options_from_proto(request.options)
 
 
 def usage(prompt_tokens: int) -> pb.Usage:

@@ -6,14 +6,12 @@ from typing import Any
 
 import grpc
 
-from lateserve.server.domain import InvalidArgument, Item, Task, TextItem
+from lateserve.server.domain import InvalidArgument, Task
 from lateserve.server.rpc import rpc_method
 from lateserve.server.services.convert import (
     ServedModel,
-    items_from_proto,
-    messages_to_dicts,
-    options_from_proto,
     request_id,
+    request_inputs,
     timings,
     usage,
 )
@@ -25,13 +23,6 @@ from lateserve.wire.tensors import to_tensor
 class EmbedServicer(pb_grpc.EmbedServiceServicer):
     def __init__(self, model: ServedModel) -> None:
         self.model = model
-
-    def _inputs(self, request: pb.EmbedRequest) -> list[Item]:
-        if request.messages:
-            return [TextItem(self.model.engine.processor.render_chat(messages_to_dicts(request.messages), False))]
-        if not request.inputs:
-            raise InvalidArgument("input must not be empty", field="input")
-        return items_from_proto(request.inputs, "input")
 
     @rpc_method
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.EmbedResponse:
@@ -47,9 +38,8 @@ class EmbedServicer(pb_grpc.EmbedServiceServicer):
                     field="dimensions",
                 )
         normalize = request.normalize if request.HasField("normalize") else True
-        result = await engine.encode(
-            self._inputs(request), frozenset({Task.EMBED}), options_from_proto(request.options), normalize=normalize
-        )
+        inputs, options = request_inputs(request)
+        result = await engine.encode(inputs, frozenset({Task.EMBED}), options, normalize=normalize)
         embeddings = []
         for i, out in enumerate(result.outputs):
             vector = out[Task.EMBED]

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import grpc
 
-from lateserve.server.domain import InvalidArgument, Item, LexicalSpec, Task, TextItem
+from lateserve.server.domain import InvalidArgument, LexicalSpec, Task
 from lateserve.server.engine.engine import EncodeResult
 from lateserve.server.engine.lexical import lexical_weights
 from lateserve.server.rpc import rpc_method, rpc_stream
 from lateserve.server.services.convert import (
     TASKS,
     ServedModel,
-    items_from_proto,
-    messages_to_dicts,
-    options_from_proto,
     request_id,
+    request_inputs,
     timings,
     usage,
 )
@@ -34,16 +31,6 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
     def __init__(self, model: ServedModel) -> None:
         self.model = model
 
-    def _inputs(self, request: PoolLike) -> list[Item]:
-        if request.inputs and request.messages:
-            raise InvalidArgument("set either inputs or messages, not both", field="messages")
-        if request.messages:
-            prompt = self.model.engine.processor.render_chat(messages_to_dicts(request.messages), False)
-            return [TextItem(prompt)]
-        if not request.inputs:
-            raise InvalidArgument("input must not be empty", field="input")
-        return items_from_proto(request.inputs, "input")
-
     def _task(self, request: PoolLike) -> Task:
         if request.task == 0:
             return self.model.engine.spec.default_task
@@ -54,15 +41,11 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
     async def _run(self, request: PoolLike) -> tuple[Task, EncodeResult]:
         self.model.check(request.model)
         task = self._task(request)
-        options = options_from_proto(request.options)
-        if request.messages and not request.options.HasField("add_special_tokens"):
-            options = replace(options, add_special_tokens=False)  # chat templates bring their own (vLLM)
+        inputs, options = request_inputs(request)
         normalize = request.normalize if request.HasField("normalize") else True
         if request.return_lexical_weights:
             self._lexical_spec(task)  # fail before encoding
-        result = await self.model.engine.encode(
-            self._inputs(request), frozenset({task}), options, normalize=normalize, field="input"
-        )
+        result = await self.model.engine.encode(inputs, frozenset({task}), options, normalize=normalize, field="input")
         return task, result
 
     def _lexical_spec(self, task: Task) -> LexicalSpec:

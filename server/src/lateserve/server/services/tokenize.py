@@ -6,8 +6,9 @@ from typing import Any
 
 import grpc
 
+from lateserve.server.domain import InvalidArgument
 from lateserve.server.rpc import rpc_method
-from lateserve.server.services.convert import ServedModel, messages_to_dicts
+from lateserve.server.services.convert import ServedModel, chat_from_proto
 from lateserve.v1 import tokenize_service_pb2 as pb
 from lateserve.v1 import tokenize_service_pb2_grpc as pb_grpc
 
@@ -21,15 +22,19 @@ class TokenizeServicer(pb_grpc.TokenizeServiceServicer):
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.TokenizeResponse:
         self.model.check(request.model)
-        processor = self.model.engine.processor
+        engine = self.model.engine
+        processor = engine.processor
         if request.messages:
-            gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
-            prompt = processor.render_chat(messages_to_dicts(request.messages), gen)
+            generation = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+            chat = chat_from_proto(request.messages, request.chat, generation_default=generation)
+            prompt = (await engine.prepare(processor.render, chat)).text
             special = request.add_special_tokens if request.HasField("add_special_tokens") else False
         else:
+            if request.HasField("chat"):
+                raise InvalidArgument("chat options apply to messages only", field="chat")
             prompt = request.prompt
             special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        ids = processor.tokenize(prompt, special)
+        ids = await engine.prepare(processor.tokenize, prompt, special)
         return pb.TokenizeResponse(
             count=len(ids),
             max_model_len=self.model.engine.spec.max_model_len,
