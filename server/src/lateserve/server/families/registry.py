@@ -1,13 +1,16 @@
 """Architecture name -> family class, imported lazily, plus resolving a model argument to files.
 
 Third-party families register through the `lateserve.families` entry-point group
-(name = architecture, value = "module:Class").
+(name = architecture, value = "module:Class"); a family not installed as a distribution (a test
+family, a local experiment) can be named in LATESERVE_EXTRA_FAMILIES as "Arch=module:Class,..." (the
+worker processes inherit it).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ from typing import Any
 from lateserve.server.domain import ModelLoadError
 from lateserve.server.families.base import Family, ModelSource
 from lateserve.server.media import MediaPolicy
+
+EXTRA_FAMILIES_ENV = "LATESERVE_EXTRA_FAMILIES"
 
 # architecture -> (module, class). The first entry of config.architectures that is known wins.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -41,6 +46,12 @@ def known_architectures() -> dict[str, tuple[str, str]]:
     for ep in entry_points(group="lateserve.families"):
         module, _, cls = ep.value.partition(":")
         table[ep.name] = (module, cls)
+    for entry in filter(None, (e.strip() for e in os.environ.get(EXTRA_FAMILIES_ENV, "").split(","))):
+        arch, _, target = entry.partition("=")
+        module, _, cls = target.partition(":")
+        if not (arch and module and cls):
+            raise ModelLoadError(f"{EXTRA_FAMILIES_ENV}: {entry!r} is not Arch=module:Class")
+        table[arch.strip()] = (module.strip(), cls.strip())
     return table
 
 
