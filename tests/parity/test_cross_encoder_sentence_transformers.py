@@ -7,9 +7,8 @@ default activation for one label, with no activation in config.json, is Sigmoid 
 class it used); the runner returns raw logits and the engine applies the sigmoid, so the in-process
 tests apply it here. The pair encoding is checked against transformers' own tokenizer(q, text_pair=d).
 
-/score and /rerank through a live server need the engine to route cross-encoders to encode_pair + the
-activation (engine/pairs.py); until it does they fail with "scoring with a cross-encoder model is not
-implemented yet".
+/score and /rerank through a live server: the engine routes cross-encoders to encode_pair (one joint input
+per pair, never cached) and applies the activation (engine/pairs.py, engine/engine.py).
 """
 
 from __future__ import annotations
@@ -251,3 +250,24 @@ def test_http_rerank_matches_cross_encoder_predict(server: LiveServer, oracle: d
     want = oracle["cross/bert"][: len(DOCUMENTS)]
     assert [r["index"] for r in body["results"]] == sorted(range(len(DOCUMENTS)), key=lambda i: -want[i])
     np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], sorted(want, reverse=True), rtol=REL)
+
+
+SCORE_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def test_a_chat_template_builds_the_score_prompt(model_dirs: dict[str, Path]) -> None:
+    """--chat-template renders messages [query, document] into one prompt (vllm-spec 2.4), tokenized with
+    the special tokens; the score equals transformers' classifier on that text."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = ServerConfig(model=str(model_dirs["bert"]), workers=1, threads_per_worker=1, chat_template=SCORE_TEMPLATE)
+    with LiveServer(config) as live:
+        status, body = post(live, "/score", {"text_1": QUERY, "text_2": DOCUMENTS[:2]})
+    assert status == 200, body
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dirs["bert"]))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dirs["bert"])).eval()
+    prompts = [f"query: {QUERY}\ndocument: {d}\n" for d in DOCUMENTS[:2]]
+    with torch.inference_mode():
+        want = [float(model(**tokenizer(p, return_tensors="pt")).logits[0, 0]) for p in prompts]
+    np.testing.assert_allclose([d["score"] for d in body["data"]], sigmoid(np.array(want)), rtol=REL)
+    assert body["usage"]["prompt_tokens"] == sum(len(tokenizer(p)["input_ids"]) for p in prompts)

@@ -253,6 +253,11 @@ class ChatRenderer:
         self._tokenizer = tokenizer
         self._flag = flag
 
+    @property
+    def configured(self) -> bool:
+        """--chat-template was given: cross-encoders then build score prompts with it (vllm-spec 2.4)."""
+        return self._flag is not None
+
     def template(self) -> ChatTemplate:
         return compile_chat_template(resolve_chat_template(self._flag, self._tokenizer.chat_template))
 

@@ -6,9 +6,11 @@ backbone under `bert.` (pooler included) / `roberta.` and the head under `classi
 on the pooled [CLS] state; XLM-R: `classifier.dense` -> tanh -> `classifier.out_proj` on `<s>`).
 
 Scoring kind cross-encoder (vllm-spec 2.2, 2.4): /score and /rerank feed one joint prompt per pair,
-the tokenizer's text-pair encoding (`[CLS] q [SEP] d [SEP]` with segment 1 for `d [SEP]`; XLM-R
-`<s> q </s></s> d </s>` without segments), and read the single logit. The runner returns RAW logits,
-float32 [num_labels]; the engine applies the activation (sigmoid for one label, as
+as vLLM builds it (vllm-spec 2.4): with --chat-template, the template rendered with messages
+[{"role": "query", "content": q}, {"role": "document", "content": d}] and tokenized with the tokenizer's
+special tokens; otherwise the tokenizer's text-pair encoding (`[CLS] q [SEP] d [SEP]` with segment 1 for
+`d [SEP]`; XLM-R `<s> q </s></s> d </s>` without segments). The single logit is the score.
+The runner returns RAW logits, float32 [num_labels]; the engine applies the activation (sigmoid for one label, as
 `CrossEncoder.predict` does by default) per `WorkItem.activation`. A single text (/pooling classify) is
 the text alone with the tokenizer's special tokens. torch and transformers are imported only in the runner.
 """
@@ -154,6 +156,7 @@ class CrossEncoder(Family):
             vocab_size=int(self.source.config.get("vocab_size") or len(tokenizer)),
             max_model_len=self._max_model_len,
             segments=self._segments,
+            chat_template=self.source.chat_template,
         )
 
     def runner(self, device: str, dtype: str) -> CrossEncoderRunner:
@@ -170,8 +173,23 @@ class CrossEncoder(Family):
 class CrossEncoderProcessor(BertProcessor):
     """Single texts as vLLM's raw encoding (BertProcessor); pairs through `encode_text_pair`."""
 
-    def __init__(self, tokenizer: Any, *, architecture: str, vocab_size: int, max_model_len: int, segments: bool):
-        super().__init__(tokenizer, architecture=architecture, vocab_size=vocab_size, max_model_len=max_model_len)
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        architecture: str,
+        vocab_size: int,
+        max_model_len: int,
+        segments: bool,
+        chat_template: str | None = None,
+    ) -> None:
+        super().__init__(
+            tokenizer,
+            architecture=architecture,
+            vocab_size=vocab_size,
+            max_model_len=max_model_len,
+            chat_template=chat_template,
+        )
         self._segments = segments
 
     def encode_pair(self, query: Item, document: Item, options: EncodeOptions) -> Sequence:
@@ -188,6 +206,9 @@ class CrossEncoderProcessor(BertProcessor):
                     f"{self._architecture} scores text pairs; token ids cannot be paired", field=field
                 )
             texts.append(item.text)
+        if self._chat.configured:
+            messages = [{"role": "query", "content": texts[0]}, {"role": "document", "content": texts[1]}]
+            return self.encode(TextItem(self.render_chat(messages, False)), options, "input")
         ids, types, sequence_ids = encode_text_pair(self._tokenizer, texts[0], texts[1])
         limit = options.truncate_prompt_tokens
         if limit == -1:
