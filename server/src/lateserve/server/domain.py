@@ -136,6 +136,8 @@ class EncodeOptions:
     truncation_side: TruncationSide = TruncationSide.LEFT
     add_special_tokens: bool = True
     embedding_mode: EmbeddingMode = EmbeddingMode.AUTO
+    mm_processor_kwargs: tuple[tuple[str, Any], ...] = ()
+    """Per-request image processor settings over the server's --mm-processor-kwargs (vision families)."""
 
 
 # Array dtypes that cross the worker boundary. bfloat16 has no numpy dtype: it travels as its 16-bit

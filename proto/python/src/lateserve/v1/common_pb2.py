@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lateserve/v1/common.proto\x12\x0clateserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.lateserve.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08ImageUrl\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"R\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\timage_url\x18\x02 \x01(\x0b\x32\x16.lateserve.v1.ImageUrlH\x00\x42\x06\n\x04kind\"=\n\x11MultiModalContent\x12(\n\x05parts\x18\x01 \x03(\x0b\x32\x19.lateserve.v1.ContentPart\"\x80\x01\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.lateserve.v1.TokenIdsH\x00\x12\x32\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x1f.lateserve.v1.MultiModalContentH\x00\x42\x06\n\x04kind\"G\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12*\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x19.lateserve.v1.ContentPart\"\xa2\x01\n\x0b\x43hatOptions\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x02 \x01(\x08\x12\x35\n\x14\x63hat_template_kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x18\n\x16_add_generation_prompt\"\xf3\x01\n\rEncodeOptions\x12#\n\x16truncate_prompt_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x35\n\x0ftruncation_side\x18\x02 \x01(\x0e\x32\x1c.lateserve.v1.TruncationSide\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x33\n\x0e\x65mbedding_mode\x18\x04 \x01(\x0e\x32\x1b.lateserve.v1.EmbeddingModeB\x19\n\x17_truncate_prompt_tokensB\x15\n\x13_add_special_tokens\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x03\"X\n\x07Timings\x12\x13\n\x0btokenize_ns\x18\x01 \x01(\x03\x12\x10\n\x08queue_ns\x18\x02 \x01(\x03\x12\x14\n\x0cinference_ns\x18\x03 \x01(\x03\x12\x10\n\x08total_ns\x18\x04 \x01(\x03*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*f\n\x0eTruncationSide\x12\x1f\n\x1bTRUNCATION_SIDE_UNSPECIFIED\x10\x00\x12\x18\n\x14TRUNCATION_SIDE_LEFT\x10\x01\x12\x19\n\x15TRUNCATION_SIDE_RIGHT\x10\x02*~\n\rEmbeddingMode\x12\x1e\n\x1a\x45MBEDDING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45MBEDDING_MODE_RAW\x10\x01\x12\x18\n\x14\x45MBEDDING_MODE_QUERY\x10\x02\x12\x1b\n\x17\x45MBEDDING_MODE_DOCUMENT\x10\x03*\x9d\x01\n\x0bPoolingTask\x12\x1c\n\x18POOLING_TASK_UNSPECIFIED\x10\x00\x12\x1c\n\x18POOLING_TASK_TOKEN_EMBED\x10\x01\x12\x1f\n\x1bPOOLING_TASK_TOKEN_CLASSIFY\x10\x02\x12\x16\n\x12POOLING_TASK_EMBED\x10\x03\x12\x19\n\x15POOLING_TASK_CLASSIFY\x10\x04*\x81\x01\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_KIND_LATE_INTERACTION\x10\x01\x12\x19\n\x15MODEL_KIND_BI_ENCODER\x10\x02\x12\x1c\n\x18MODEL_KIND_CROSS_ENCODER\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lateserve/v1/common.proto\x12\x0clateserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.lateserve.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08ImageUrl\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"R\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\timage_url\x18\x02 \x01(\x0b\x32\x16.lateserve.v1.ImageUrlH\x00\x42\x06\n\x04kind\"=\n\x11MultiModalContent\x12(\n\x05parts\x18\x01 \x03(\x0b\x32\x19.lateserve.v1.ContentPart\"\x80\x01\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.lateserve.v1.TokenIdsH\x00\x12\x32\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x1f.lateserve.v1.MultiModalContentH\x00\x42\x06\n\x04kind\"G\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12*\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x19.lateserve.v1.ContentPart\"\xa2\x01\n\x0b\x43hatOptions\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x02 \x01(\x08\x12\x35\n\x14\x63hat_template_kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x18\n\x16_add_generation_prompt\"\xa9\x02\n\rEncodeOptions\x12#\n\x16truncate_prompt_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x35\n\x0ftruncation_side\x18\x02 \x01(\x0e\x32\x1c.lateserve.v1.TruncationSide\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x33\n\x0e\x65mbedding_mode\x18\x04 \x01(\x0e\x32\x1b.lateserve.v1.EmbeddingMode\x12\x34\n\x13mm_processor_kwargs\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x19\n\x17_truncate_prompt_tokensB\x15\n\x13_add_special_tokens\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x03\"X\n\x07Timings\x12\x13\n\x0btokenize_ns\x18\x01 \x01(\x03\x12\x10\n\x08queue_ns\x18\x02 \x01(\x03\x12\x14\n\x0cinference_ns\x18\x03 \x01(\x03\x12\x10\n\x08total_ns\x18\x04 \x01(\x03*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*f\n\x0eTruncationSide\x12\x1f\n\x1bTRUNCATION_SIDE_UNSPECIFIED\x10\x00\x12\x18\n\x14TRUNCATION_SIDE_LEFT\x10\x01\x12\x19\n\x15TRUNCATION_SIDE_RIGHT\x10\x02*~\n\rEmbeddingMode\x12\x1e\n\x1a\x45MBEDDING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45MBEDDING_MODE_RAW\x10\x01\x12\x18\n\x14\x45MBEDDING_MODE_QUERY\x10\x02\x12\x1b\n\x17\x45MBEDDING_MODE_DOCUMENT\x10\x03*\x9d\x01\n\x0bPoolingTask\x12\x1c\n\x18POOLING_TASK_UNSPECIFIED\x10\x00\x12\x1c\n\x18POOLING_TASK_TOKEN_EMBED\x10\x01\x12\x1f\n\x1bPOOLING_TASK_TOKEN_CLASSIFY\x10\x02\x12\x16\n\x12POOLING_TASK_EMBED\x10\x03\x12\x19\n\x15POOLING_TASK_CLASSIFY\x10\x04*\x81\x01\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_KIND_LATE_INTERACTION\x10\x01\x12\x19\n\x15MODEL_KIND_BI_ENCODER\x10\x02\x12\x1c\n\x18MODEL_KIND_CROSS_ENCODER\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lateserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1104
-  _globals['_DTYPE']._serialized_end=1192
-  _globals['_TRUNCATIONSIDE']._serialized_start=1194
-  _globals['_TRUNCATIONSIDE']._serialized_end=1296
-  _globals['_EMBEDDINGMODE']._serialized_start=1298
-  _globals['_EMBEDDINGMODE']._serialized_end=1424
-  _globals['_POOLINGTASK']._serialized_start=1427
-  _globals['_POOLINGTASK']._serialized_end=1584
-  _globals['_MODELKIND']._serialized_start=1587
-  _globals['_MODELKIND']._serialized_end=1716
+  _globals['_DTYPE']._serialized_start=1158
+  _globals['_DTYPE']._serialized_end=1246
+  _globals['_TRUNCATIONSIDE']._serialized_start=1248
+  _globals['_TRUNCATIONSIDE']._serialized_end=1350
+  _globals['_EMBEDDINGMODE']._serialized_start=1352
+  _globals['_EMBEDDINGMODE']._serialized_end=1478
+  _globals['_POOLINGTASK']._serialized_start=1481
+  _globals['_POOLINGTASK']._serialized_end=1638
+  _globals['_MODELKIND']._serialized_start=1641
+  _globals['_MODELKIND']._serialized_end=1770
   _globals['_TENSOR']._serialized_start=73
   _globals['_TENSOR']._serialized_end=146
   _globals['_IMAGEURL']._serialized_start=148
@@ -59,9 +59,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATOPTIONS']._serialized_start=550
   _globals['_CHATOPTIONS']._serialized_end=712
   _globals['_ENCODEOPTIONS']._serialized_start=715
-  _globals['_ENCODEOPTIONS']._serialized_end=958
-  _globals['_USAGE']._serialized_start=960
-  _globals['_USAGE']._serialized_end=1012
-  _globals['_TIMINGS']._serialized_start=1014
-  _globals['_TIMINGS']._serialized_end=1102
+  _globals['_ENCODEOPTIONS']._serialized_end=1012
+  _globals['_USAGE']._serialized_start=1014
+  _globals['_USAGE']._serialized_end=1066
+  _globals['_TIMINGS']._serialized_start=1068
+  _globals['_TIMINGS']._serialized_end=1156
 # @@protoc_insertion_point(module_scope)

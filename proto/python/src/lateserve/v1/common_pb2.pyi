@@ -404,6 +404,7 @@ class EncodeOptions(_message.Message):
     TRUNCATION_SIDE_FIELD_NUMBER: _builtins.int
     ADD_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
     EMBEDDING_MODE_FIELD_NUMBER: _builtins.int
+    MM_PROCESSOR_KWARGS_FIELD_NUMBER: _builtins.int
     truncate_prompt_tokens: _builtins.int
     """Keep at most this many tokens per input; -1 means max_model_len. Unset: no truncation
     (over-long inputs are rejected with INVALID_ARGUMENT, reason INPUT_TOO_LONG).
@@ -414,6 +415,13 @@ class EncodeOptions(_message.Message):
     """Add the tokenizer's special tokens (e.g. [CLS]/[SEP]) to text inputs. Unset: true."""
     embedding_mode: Global___EmbeddingMode.ValueType
     """Late-interaction encoding mode."""
+    @_builtins.property
+    def mm_processor_kwargs(self) -> _struct_pb2.Struct:
+        """Image processor settings for this request over the server's --mm-processor-kwargs (vLLM's
+        per-request mm_processor_kwargs, e.g. {"max_pixels": 1310720}); keys a model does not know are
+        INVALID_ARGUMENT. Text-only models refuse any.
+        """
+
     def __init__(
         self,
         *,
@@ -421,10 +429,11 @@ class EncodeOptions(_message.Message):
         truncation_side: Global___TruncationSide.ValueType = ...,
         add_special_tokens: _builtins.bool | None = ...,
         embedding_mode: Global___EmbeddingMode.ValueType = ...,
+        mm_processor_kwargs: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "_truncate_prompt_tokens", b"_truncate_prompt_tokens", "add_special_tokens", b"add_special_tokens", "truncate_prompt_tokens", b"truncate_prompt_tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "_truncate_prompt_tokens", b"_truncate_prompt_tokens", "add_special_tokens", b"add_special_tokens", "mm_processor_kwargs", b"mm_processor_kwargs", "truncate_prompt_tokens", b"truncate_prompt_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "_truncate_prompt_tokens", b"_truncate_prompt_tokens", "add_special_tokens", b"add_special_tokens", "embedding_mode", b"embedding_mode", "truncate_prompt_tokens", b"truncate_prompt_tokens", "truncation_side", b"truncation_side"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "_truncate_prompt_tokens", b"_truncate_prompt_tokens", "add_special_tokens", b"add_special_tokens", "embedding_mode", b"embedding_mode", "mm_processor_kwargs", b"mm_processor_kwargs", "truncate_prompt_tokens", b"truncate_prompt_tokens", "truncation_side", b"truncation_side"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__add_special_tokens: _TypeAlias = _typing.Literal["add_special_tokens"]  # noqa: Y015
     _WhichOneofArgType__add_special_tokens: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens"]  # noqa: Y015

@@ -26,6 +26,7 @@ from lateserve.wire.reasons import (  # noqa: F401 - re-exported: clients read r
     MODEL_NOT_FOUND,
     PAIRING_MISMATCH,
     QUEUE_FULL,
+    REQUEST_TOO_LARGE,
     SHUTTING_DOWN,
     TEMPLATE_ERROR,
     TRUNCATION_TOO_LARGE,

@@ -11,6 +11,7 @@ work is dropped unrun.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -78,6 +79,40 @@ def apply_activation(logits: Array) -> Array:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+_PART = re.compile(r"(content|images)\[(\d+)\](.*)", re.DOTALL)
+
+
+def item_field(item: Item, field: str, index: int, where: str | None) -> str | None:
+    """The request path of a family's error about item `index` of `field`. Families do not know where
+    their item sat: None or "input" names the whole item; "content[k]..." a part of a MultiModalItem;
+    "images[j]..." the j-th image of a chat (rendered, so only its order is known), mapped back to its
+    message and part. Anything else is already a request field (e.g. "truncate_prompt_tokens").
+
+    >>> item_field(MultiModalItem((ImagePart("x"),)), "documents", 2, "content[0].image_url")
+    'documents[2].content[0].image_url'
+    >>> item_field(TextItem("a"), "input", 3, None), item_field(TextItem("a"), "input", 0, "truncate_prompt_tokens")
+    ('input[3]', 'truncate_prompt_tokens')
+    """
+    if where in (None, "input"):
+        return f"{field}[{index}]"
+    found = _PART.fullmatch(where)
+    if found is None:
+        return where
+    kind, k, rest = found.group(1), int(found.group(2)), found.group(3)
+    if kind == "content":
+        return f"{field}[{index}].content[{k}]{rest}"
+    if isinstance(item, ChatItem):
+        places = [
+            f"messages[{m}].content[{p}]"
+            for m, message in enumerate(item.messages)
+            for p, part in enumerate(message.parts)
+            if isinstance(part, ImagePart)
+        ]
+        if k < len(places):
+            return places[k] + rest
+    return f"{field}[{index}]"
+
+
 class Engine:
     """Runs encode calls for one served model."""
 
@@ -121,6 +156,11 @@ class Engine:
             )
 
     def check_options(self, options: EncodeOptions) -> None:
+        if options.mm_processor_kwargs and Modality.IMAGE not in self.spec.modalities:
+            raise InvalidArgument(
+                f"mm_processor_kwargs apply to image inputs; {self.spec.architecture} takes text only",
+                field="mm_processor_kwargs",
+            )
         k = options.truncate_prompt_tokens
         if k is None:
             return
@@ -201,6 +241,7 @@ class Engine:
     def tokenize(self, items: Seq[Item], options: EncodeOptions, role: Role, field: str) -> list[Sequence]:
         """Prepare items (synchronously: call through `prepare`) and enforce max_model_len."""
         options = self.resolve_options(options)
+        originals = items
         items = [self.render(item) for item in items]
         try:
             sequences = self.processor.encode_many(items, options, role)
@@ -210,8 +251,7 @@ class Engine:
                 try:
                     sequences.append(self.processor.encode(item, options, role))
                 except InvalidArgument as exc:
-                    if exc.field in (None, "input"):  # families do not know where the item sat
-                        exc.field = f"{field}[{index}]"
+                    exc.field = item_field(originals[index], field, index, exc.field)
                     raise
             raise
         self.check_length(sequences, field)
@@ -252,15 +292,28 @@ class Engine:
 
     def _admit_cost(self, cost: int, nbytes: int) -> None:
         """The cost bound (text tokens plus media work) and the byte bound keep memory bounded under any
-        mix of request sizes; a lone request is always admitted so a big one cannot be refused forever."""
-        if self.queued_tokens and self.queued_tokens + cost > self.max_queued_tokens:
+        mix of request sizes. Work that could never fit is a 400 naming the limit (a retry cannot help);
+        429 means it would fit once the work in flight drains."""
+        for amount, limit, what, flag in (
+            (cost, self.max_queued_tokens, "tokens (text plus image work)", "--max-queued-tokens"),
+            (nbytes, self.max_queued_bytes, "bytes of prepared input", "--max-queued-mb"),
+        ):
+            if amount > limit:
+                raise InvalidArgument(
+                    f"this request needs {amount} {what}, more than the server admits at once ({limit}, {flag}); "
+                    "send fewer or shorter inputs",
+                    reason=reasons.REQUEST_TOO_LARGE,
+                    field="input",
+                    metadata={"limit": str(limit), "requested": str(amount)},
+                )
+        if self.queued_tokens + cost > self.max_queued_tokens:
             metrics.REJECTED.labels("tokens").inc()
             raise Overloaded(
                 f"too many tokens in flight ({self.queued_tokens} + {cost}); retry later",
                 retry_after_s=1.0,
                 metadata={"maxQueuedTokens": str(self.max_queued_tokens)},
             )
-        if self.queued_bytes and self.queued_bytes + nbytes > self.max_queued_bytes:
+        if self.queued_bytes + nbytes > self.max_queued_bytes:
             metrics.REJECTED.labels("bytes").inc()
             raise Overloaded(
                 f"too many input bytes in flight ({self.queued_bytes} + {nbytes}); retry later",

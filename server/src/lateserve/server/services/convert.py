@@ -105,6 +105,9 @@ def options_from_proto(options: pb.EncodeOptions, *, chat: bool = False) -> Enco
         else TruncationSide.LEFT,
         add_special_tokens=options.add_special_tokens if options.HasField("add_special_tokens") else not chat,
         embedding_mode=MODES[options.embedding_mode],
+        mm_processor_kwargs=tuple(sorted(json_format.MessageToDict(options.mm_processor_kwargs).items()))
+        if options.HasField("mm_processor_kwargs")
+        else (),
     )
 
 
