@@ -30,6 +30,7 @@ from lateserve.server.domain import ModelKind, ModelLoadError, ModelSpec, Task
 from lateserve.server.engine.engine import Engine
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.server.health import ALL_SERVICES, HealthState
+from lateserve.server.rpc import DecodeErrors
 from lateserve.server.scheduler.batcher import Batcher, Ticket
 from lateserve.server.scheduler.queue import BatchQueue
 from lateserve.server.services.convert import ServedModel
@@ -176,7 +177,8 @@ class Server:
     def _build_grpc(self, served: ServedModel, info: info_service_pb2.GetInfoResponse) -> grpc.aio.Server:
         limit = self.config.max_message_bytes
         server = grpc.aio.server(
-            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+            interceptors=[DecodeErrors()],
+            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
         )
         assert self._health is not None
         s = self._servicers = {

@@ -17,7 +17,7 @@ import grpc
 from grpc_status import rpc_status
 
 from lateserve.server import metrics
-from lateserve.server.domain import LateserveError
+from lateserve.server.domain import InvalidArgument, LateserveError
 from lateserve.wire.status import INTERNAL, ErrorDetails, pack_status
 
 log = logging.getLogger(__name__)
@@ -96,3 +96,52 @@ def rpc_stream(
         _record(fn.__name__, None, start)
 
     return wrapper
+
+
+class DecodeErrors(grpc.aio.ServerInterceptor):
+    """Requests whose bytes are not the method's message answer INVALID_ARGUMENT, not UNKNOWN.
+
+    grpc's own deserialization runs before any handler, so a failure there cannot carry our status. This
+    interceptor hands the handler raw bytes and decodes them itself, inside the call, where it can abort
+    with a proper status and details."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+            return handler
+        decode = handler.request_deserializer
+        method = getattr(details, "method", "")
+
+        async def parse(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return decode(raw)
+            except Exception:
+                bad = InvalidArgument(f"the request body is not a valid {method} request message")
+                metrics.REQUESTS.labels(method.rsplit("/", 1)[-1], "INVALID_ARGUMENT").inc()
+                await context.abort_with_status(to_rpc_status(bad))
+                raise
+
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_behavior(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await unary(await parse(raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_behavior, request_deserializer=None, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def stream_behavior(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                async for message in stream(await parse(raw, context), context):
+                    yield message
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_behavior, request_deserializer=None, response_serializer=handler.response_serializer
+            )
+        return handler
