@@ -116,9 +116,10 @@ class Server:
                 for i in range(n_workers)
             ],
             load_timeout_s=cfg.load_timeout_seconds,
+            heartbeat_s=cfg.worker_heartbeat,
         )
         queue: BatchQueue[Ticket] = BatchQueue(max(cfg.max_num_batched_tokens, spec.max_model_len), cfg.max_num_seqs)
-        self._batcher = Batcher(self.pool, queue)
+        self._batcher = Batcher(self.pool, queue, batch_timeout_s=cfg.worker_batch_timeout)
         self.engine = Engine(
             spec,
             processor,

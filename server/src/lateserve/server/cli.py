@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="how /score and /rerank score (default: the model's kind, as vLLM; the bundled model: late-interaction)",
     )
+    serve.add_argument(
+        "--worker-batch-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a worker may take for a full batch (scaled by the batch's cost) before it is replaced",
+    )
+    serve.add_argument(
+        "--worker-heartbeat", type=float, default=5.0, help="seconds an idle worker has to answer a ping"
+    )
     serve.add_argument("--max-queued-mb", type=int, default=1024, help="input bytes (ids, pixels) admitted at once")
     serve.add_argument(
         "--prepare-threads", type=int, default=0, help="threads for input preparation off the event loop (0: auto)"
@@ -145,6 +154,8 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         scoring_embedding_mode=ns.scoring_embedding_mode,
         score_type=ns.score_type,
         max_queued_bytes=ns.max_queued_mb << 20,
+        worker_batch_timeout=ns.worker_batch_timeout,
+        worker_heartbeat=ns.worker_heartbeat,
         prepare_threads=ns.prepare_threads,
         media=_media_policy(ns),
         mm_processor_kwargs=ns.mm_processor_kwargs,

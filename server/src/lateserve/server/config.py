@@ -45,6 +45,10 @@ class ServerConfig:
     """late-interaction | bi-encoder | cross-encoder: overrides how /score and /rerank score (vLLM's
     kind for the model otherwise; the bundled default model is served as late interaction)."""
     max_queued_bytes: int = 1 << 30
+    worker_batch_timeout: float = 120.0
+    """Seconds a worker may take for a full batch (scaled by cost) before it counts as frozen and is replaced."""
+    worker_heartbeat: float = 5.0
+    """Seconds an idle worker has to answer a ping before it counts as frozen."""
     prepare_threads: int = 0
     """Threads preparing inputs (tokenize, template, image decode) off the event loop; 0: min(4, cores)."""
     media: MediaPolicy = field(default_factory=MediaPolicy)

@@ -42,9 +42,10 @@ class Ticket:
 class Batcher:
     """Feeds the worker pool from one token-budget queue."""
 
-    def __init__(self, pool: WorkerPool, queue: BatchQueue[Ticket]) -> None:
+    def __init__(self, pool: WorkerPool, queue: BatchQueue[Ticket], batch_timeout_s: float = 120.0) -> None:
         self.pool = pool
         self.queue = queue
+        self.batch_timeout_s = batch_timeout_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -92,12 +93,19 @@ class Batcher:
                 if not batch:
                     break
                 # Sent now, not inside the task, so the worker counts as busy before the next cut.
-                sent = worker.submit([e.payload.item for e in batch])
+                sent = worker.submit([e.payload.item for e in batch], self.deadline_s(batch))
                 task = asyncio.get_running_loop().create_task(self._run(worker, batch, sent))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
             metrics.QUEUE_SIZE.set(len(self.queue))
             metrics.DROPPED.set(self.queue.dropped)
+
+    def deadline_s(self, batch: list[Entry[Ticket]]) -> float:
+        """How long a worker may take for a batch before it counts as frozen: --worker-batch-timeout for a
+        full batch (max_batch_tokens of cost), scaled down with the batch's cost, never under a fifth of it.
+        Doubled because a prefetched batch waits for the one running before it."""
+        share = sum(e.num_tokens for e in batch) / max(1, self.queue.max_batch_tokens)
+        return 2 * self.batch_timeout_s * min(1.0, max(0.2, share))
 
     async def _run(self, worker: ProcessWorker, batch: list[Entry[Ticket]], sent: asyncio.Future[BatchResult]) -> None:
         start = time.perf_counter_ns()

@@ -26,6 +26,7 @@ class WorkerPool:
         *,
         max_inflight_per_worker: int = 2,
         load_timeout_s: float = 600.0,
+        heartbeat_s: float = 5.0,
     ) -> None:
         self._specs = specs
         self._max_inflight = max_inflight_per_worker
@@ -36,6 +37,8 @@ class WorkerPool:
         self._restarts: dict[int, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._heartbeat_s = heartbeat_s
+        self._watchdog: asyncio.Task[None] | None = None
 
     @property
     def size(self) -> int:
@@ -73,6 +76,26 @@ class WorkerPool:
         for w in workers:
             self._ready.add(w.spec.worker_id)
         self.notify()
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="lateserve-watchdog")
+
+    async def _watch(self) -> None:
+        """Finds frozen or wedged workers: a batch past its cost-derived deadline, or an idle worker that
+        does not answer a ping within the heartbeat. Such a worker is killed: its requests fail at once
+        with UNAVAILABLE (retry hint) and the usual replacement starts; health follows the ready count."""
+        interval = max(0.05, self._heartbeat_s / 4)
+        while not self._closing:
+            await asyncio.sleep(interval)
+            now = asyncio.get_running_loop().time()
+            for worker in list(self._workers.values()):
+                if not worker.alive or worker.spec.worker_id not in self._ready:
+                    continue
+                why = worker.overdue(now, self._heartbeat_s)
+                if why is not None:
+                    self._ready.discard(worker.spec.worker_id)
+                    self.notify()
+                    worker.replace_frozen(why)
+                elif not worker.inflight and now - worker.last_heard > self._heartbeat_s:
+                    worker.ping()
 
     def acquire(self) -> ProcessWorker | None:
         """The ready worker with the fewest batches in flight, if one has room."""
@@ -85,6 +108,8 @@ class WorkerPool:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for task in self._tasks:
             task.cancel()
         workers = list(self._workers.values())

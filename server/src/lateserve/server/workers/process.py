@@ -24,6 +24,8 @@ from lateserve.server.workers.messages import (
     ChildMessage,
     EncodeBatch,
     LoadFailed,
+    Ping,
+    Pong,
     WorkerReady,
     WorkerSpec,
 )
@@ -45,6 +47,12 @@ class ProcessWorker:
         self._process: mp.process.BaseProcess | None = None
         self.alive = False
         self.stopping = False
+        self.frozen = False
+        # batch id -> loop time by which the child must answer (the batch's cost-derived deadline)
+        self._deadlines: dict[int, float] = {}
+        self._ping_sent: float | None = None
+        self._nonce = 0
+        self.last_heard = 0.0
 
     @property
     def inflight(self) -> int:
@@ -69,20 +77,50 @@ class ProcessWorker:
         """Resolves when the replica is loaded; raises RuntimeError with the child's reason otherwise."""
         return await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
 
-    def submit(self, items: list[WorkItem]) -> asyncio.Future[BatchResult]:
-        """Send a batch; the future fails with WorkerUnavailable if the process dies first."""
+    def submit(self, items: list[WorkItem], timeout_s: float | None = None) -> asyncio.Future[BatchResult]:
+        """Send a batch; the future fails with WorkerUnavailable if the process dies first, or if it does
+        not answer within `timeout_s` (the watchdog then replaces the process: it is frozen or wedged)."""
         future: asyncio.Future[BatchResult] = self._loop.create_future()
         if not self.alive or self._conn is None:
             future.set_exception(WorkerUnavailable("worker is not running; retry the request", retry_after_s=1.0))
             return future
         batch_id = next(_batch_ids)
         self._pending[batch_id] = future
+        if timeout_s is not None:
+            self._deadlines[batch_id] = self._loop.time() + timeout_s
         try:
             self._conn.send(EncodeBatch.pack(batch_id, items))
         except (OSError, ValueError) as exc:
             self._pending.pop(batch_id, None)
             future.set_exception(WorkerUnavailable(f"worker pipe broke: {exc}", retry_after_s=1.0))
         return future
+
+    def overdue(self, now: float, heartbeat_timeout_s: float) -> str | None:
+        """Why this worker looks frozen, or None: a batch past its deadline, or an unanswered ping."""
+        late = [bid for bid, deadline in self._deadlines.items() if now > deadline]
+        if late:
+            return f"batch {late[0]} passed its deadline"
+        if self._ping_sent is not None and now - self._ping_sent > heartbeat_timeout_s:
+            return f"no answer to a ping in {heartbeat_timeout_s:g} s"
+        return None
+
+    def ping(self) -> None:
+        """Heartbeat while idle (a busy child answers after its batch; the batch deadline covers that)."""
+        if self._ping_sent is not None or not self.alive or self._conn is None:
+            return
+        self._nonce += 1
+        try:
+            self._conn.send(Ping(self._nonce))
+        except (OSError, ValueError):
+            return
+        self._ping_sent = self._loop.time()
+
+    def replace_frozen(self, why: str) -> None:
+        """Kill a frozen process so its batches fail now and the pool starts a replacement."""
+        log.error("worker %d (pid %s) is frozen (%s); killing it", self.spec.worker_id, self.pid, why)
+        self.frozen = True
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
 
     def kill(self) -> None:
         """Hard stop (used for shutdown and by tests through the pid)."""
@@ -107,7 +145,12 @@ class ProcessWorker:
         self._loop.call_soon_threadsafe(self._exited)
 
     def _dispatch(self, msg: ChildMessage) -> None:
-        if isinstance(msg, BatchResult):
+        self.last_heard = self._loop.time()
+        if isinstance(msg, BatchResult | BatchFailed):
+            self._deadlines.pop(msg.batch_id, None)
+        if isinstance(msg, Pong):
+            self._ping_sent = None
+        elif isinstance(msg, BatchResult):
             fut = self._pending.pop(msg.batch_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -131,10 +174,12 @@ class ProcessWorker:
         if not self._ready.done():
             self._ready.set_exception(RuntimeError(f"worker exited during load (exit code {code})"))
         pending, self._pending = self._pending, {}
+        self._deadlines.clear()
+        why = "froze and was replaced" if self.frozen else "died"
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(
-                    WorkerUnavailable("the worker running this request died; retry the request", retry_after_s=1.0)
+                    WorkerUnavailable(f"the worker running this request {why}; retry the request", retry_after_s=1.0)
                 )
         if not self.stopping:
             log.warning("worker %d (pid %s) exited with code %s", self.spec.worker_id, self.pid, code)
