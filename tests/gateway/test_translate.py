@@ -173,16 +173,18 @@ def test_pooling_chat_messages() -> None:
     assert message.messages[1].content[0].image_url.url == IMAGE["image_url"]["url"]  # type: ignore[index]
     assert message.messages[1].content[1].text == "describe"
     assert len(message.messages[2].content) == 0
-    # vLLM's chat default is add_special_tokens=False, but the proto's unset means true: spelled out.
-    assert message.options.HasField("add_special_tokens") and message.options.add_special_tokens is False
+    # vLLM's chat default (add_special_tokens=False) is the server's: unset goes as unset.
+    assert not message.options.HasField("add_special_tokens")
+    assert not message.HasField("chat")  # no chat options set: the server's defaults
     assert message.task == common_pb2.POOLING_TASK_UNSPECIFIED
 
 
-def test_pooling_input_wins_over_messages() -> None:
+def test_pooling_sends_both_input_and_messages() -> None:
+    # The server answers 400 (field messages); tests/integration/test_gateway_rules.py shows it.
     body = PoolingRequest.model_validate({"input": "x", "messages": [{"role": "user", "content": "y"}]})
     message = pool_request_to_proto(body, "r")
     assert [i.text for i in message.inputs] == ["x"]
-    assert not message.messages
+    assert [m.content[0].text for m in message.messages] == ["y"]
 
 
 @pytest.mark.parametrize(
@@ -207,11 +209,10 @@ def test_pooling_unknown_task_is_400_on_task(task: str) -> None:
     assert error.message.startswith(f"Unsupported task: {task!r}")
 
 
-def test_pooling_rejects_dimensions_like_vllm() -> None:
-    with pytest.raises(GatewayError) as info:
-        pool_request_to_proto(PoolingRequest.model_validate({"input": "x", "dimensions": 8}), "r")
-    assert info.value.api_error.message == "dimensions is currently not supported"
-    assert info.value.api_error.param == "dimensions"
+def test_pooling_forwards_dimensions() -> None:
+    # The server refuses it as vLLM ("dimensions is currently not supported").
+    message = pool_request_to_proto(PoolingRequest.model_validate({"input": "x", "dimensions": 8}), "r")
+    assert message.HasField("dimensions") and message.dimensions == 8
 
 
 def test_pooling_options_and_extensions() -> None:
@@ -239,13 +240,14 @@ def test_pooling_options_and_extensions() -> None:
     assert message.return_lexical_weights is True
 
 
-def test_pooling_float_format_asks_float32_and_use_activation_maps_to_normalize() -> None:
+def test_pooling_float_format_asks_float32_and_use_activation_is_forwarded() -> None:
     body = PoolingRequest.model_validate({"input": "x", "embed_dtype": "float16", "use_activation": False})
     message = pool_request_to_proto(body, "r")
     assert message.dtype == common_pb2.DTYPE_FLOAT32  # embed_dtype only matters for base64, as vLLM
-    assert message.HasField("normalize") and message.normalize is False
+    assert message.HasField("use_activation") and message.use_activation is False
+    assert not message.HasField("normalize")  # the server reads the two names
     unset = pool_request_to_proto(PoolingRequest.model_validate({"input": "x"}), "r")
-    assert not unset.HasField("normalize")
+    assert not unset.HasField("normalize") and not unset.HasField("use_activation")
 
 
 def test_embed_request_to_proto() -> None:
@@ -266,6 +268,7 @@ def test_tokenize_request_to_proto() -> None:
     assert plain.prompt == "What is ColBERT?"
     assert not plain.HasField("add_special_tokens")  # server default per form
     assert not plain.HasField("add_generation_prompt")
+    assert not plain.HasField("chat")
     assert plain.return_token_strs is False
     strs = tokenize_request_to_proto(
         TokenizeRequest.model_validate({"prompt": "x", "add_special_tokens": False, "return_token_strs": True})
@@ -278,7 +281,7 @@ def test_tokenize_request_to_proto() -> None:
     )
     assert chat.prompt == ""
     assert chat.messages[0].content[0].text == "hi"
-    assert chat.HasField("add_generation_prompt") and chat.add_generation_prompt is False
+    assert chat.chat.HasField("add_generation_prompt") and chat.chat.add_generation_prompt is False
 
 
 def test_detokenize_request_to_proto() -> None:

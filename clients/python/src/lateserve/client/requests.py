@@ -14,14 +14,11 @@ from typing import Any, cast
 from lateserve.client.types import EmbeddingModeName, InputLike, Task, TruncationSideName, WireDtype
 from lateserve.v1.common_pb2 import (
     ContentPart,
-    EmbeddingMode,
     EncodeOptions,
     ImageUrl,
     Input,
     MultiModalContent,
-    PoolingTask,
     TokenIds,
-    TruncationSide,
 )
 from lateserve.v1.embed_service_pb2 import EmbedRequest
 from lateserve.v1.info_service_pb2 import GetInfoRequest
@@ -29,33 +26,13 @@ from lateserve.v1.pool_service_pb2 import PoolRequest, StreamPoolRequest
 from lateserve.v1.rerank_service_pb2 import RerankRequest
 from lateserve.v1.score_service_pb2 import ScoreRequest
 from lateserve.v1.tokenize_service_pb2 import DetokenizeRequest, TokenizeRequest
-from lateserve.wire.tensors import DTYPE_NAMES
+from lateserve.wire import enums
 
-TASKS: dict[str, int] = {
-    "token_embed": PoolingTask.POOLING_TASK_TOKEN_EMBED,
-    "token_classify": PoolingTask.POOLING_TASK_TOKEN_CLASSIFY,
-    "embed": PoolingTask.POOLING_TASK_EMBED,
-    "classify": PoolingTask.POOLING_TASK_CLASSIFY,
-}
-EMBEDDING_MODES: dict[str, int] = {
-    "raw": EmbeddingMode.EMBEDDING_MODE_RAW,
-    "query": EmbeddingMode.EMBEDDING_MODE_QUERY,
-    "document": EmbeddingMode.EMBEDDING_MODE_DOCUMENT,
-}
-TRUNCATION_SIDES: dict[str, int] = {
-    "left": TruncationSide.TRUNCATION_SIDE_LEFT,
-    "right": TruncationSide.TRUNCATION_SIDE_RIGHT,
-}
-
-
-def _enum(table: dict[str, int], name: str | None, what: str) -> int:
-    """The enum value for a name; None means UNSPECIFIED (0), i.e. the server's default."""
-    if name is None:
-        return 0
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; expected one of {sorted(table)}") from None
+# The name -> enum value tables are lateserve.wire.enums' (shared with the gateway); re-exported here.
+TASKS = enums.POOLING_TASKS
+EMBEDDING_MODES = enums.EMBEDDING_MODES
+TRUNCATION_SIDES = enums.TRUNCATION_SIDES
+DTYPES = enums.DTYPES
 
 
 def _token_ids(items: Sequence[Any]) -> list[int]:
@@ -133,8 +110,8 @@ def encode_options(
 ) -> EncodeOptions:
     """EncodeOptions where None leaves each field unset, i.e. the server's default."""
     options = EncodeOptions(
-        truncation_side=_enum(TRUNCATION_SIDES, truncation_side, "truncation_side"),  # type: ignore[arg-type]
-        embedding_mode=_enum(EMBEDDING_MODES, embedding_mode, "embedding_mode"),  # type: ignore[arg-type]
+        truncation_side=enums.value_of(TRUNCATION_SIDES, truncation_side, "truncation_side"),
+        embedding_mode=enums.value_of(EMBEDDING_MODES, embedding_mode, "embedding_mode"),
     )
     if truncate_prompt_tokens is not None:
         options.truncate_prompt_tokens = truncate_prompt_tokens
@@ -206,9 +183,9 @@ def _pool_fields(
     fields: dict[str, Any] = {
         "model": model,
         "inputs": to_inputs(inputs),
-        "task": _enum(TASKS, task, "task"),
+        "task": enums.value_of(TASKS, task, "task"),
         "options": encode_options(truncate_prompt_tokens=truncate_prompt_tokens, embedding_mode=embedding_mode),
-        "dtype": _enum(DTYPE_NAMES, dtype, "dtype"),
+        "dtype": enums.value_of(DTYPES, dtype, "dtype"),
         "request_id": request_id,
     }
     if normalize is not None:
@@ -286,7 +263,7 @@ def embed_request(
         model=model,
         inputs=to_inputs(inputs),
         options=encode_options(truncate_prompt_tokens=truncate_prompt_tokens),
-        dtype=_enum(DTYPE_NAMES, dtype, "dtype"),  # type: ignore[arg-type]
+        dtype=enums.value_of(DTYPES, dtype, "dtype"),
         request_id=request_id,
     )
     if dimensions is not None:

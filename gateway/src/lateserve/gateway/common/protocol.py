@@ -1,10 +1,12 @@
 """Request fields shared by vLLM's pooling routes (`PoolingBasicRequestMixin` and friends), in
-vLLM's names and defaults. Unknown fields are accepted and ignored, as vLLM's `extra="allow"`.
+vLLM's names and defaults. Unknown fields are accepted and ignored, as vLLM's `extra="allow"`; every
+field vLLM itself accepts is declared, and the ones lateserve does not honour are refused with 400
+when set (common.translate.refuse_unhonoured), never dropped.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -67,7 +69,9 @@ class PoolingBasicFields(OpenAIBaseModel):
     truncate_prompt_tokens: Int32 | None = None
     truncation_side: Literal["left", "right"] | None = None
     request_id: str | None = None
-    priority: int = 0
+    priority: int = Field(default=0, description="Refused unless 0: lateserve has no priority scheduling.")
+    mm_processor_kwargs: dict[str, Any] | None = Field(default=None, description="Refused when set (not yet honoured).")
+    cache_salt: str | None = Field(default=None, description="Refused when set: lateserve has no prefix cache.")
     embedding_mode: Literal["query", "document", "raw"] | None = Field(
         default=None,
         description="lateserve extension: late-interaction encoding. 'raw' (vLLM's behaviour) embeds the text "
@@ -83,7 +87,21 @@ class EncodingFields(OpenAIBaseModel):
     endianness: Literal["native", "big", "little"] = "native"
 
 
-class CompletionOrChatFields(OpenAIBaseModel):
+class ChatTemplateFields(OpenAIBaseModel):
+    """vLLM's ChatRequestMixin rendering fields; unset ones stay None so only what the client set is
+    sent (ChatOptions), and the route's defaults stay the server's."""
+
+    add_generation_prompt: bool | None = Field(
+        default=None, description="Unset: false for /pooling and /v1/embeddings, true for /tokenize (as vLLM)."
+    )
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(
+        default=None, description="Refused when set, as vLLM without --trust-request-chat-template."
+    )
+
+
+class CompletionOrChatFields(ChatTemplateFields):
     """`input` (completion form) or `messages` (chat form) and their tokenization flags."""
 
     input: str | list[str] | list[Int32] | list[list[Int32]] | None = None
@@ -91,17 +109,42 @@ class CompletionOrChatFields(OpenAIBaseModel):
     add_special_tokens: bool | None = Field(
         default=None, description="Unset: true for `input`, false for `messages` (as vLLM)."
     )
-    add_generation_prompt: bool = False
-    continue_final_message: bool = False
+    media_io_kwargs: dict[str, Any] | None = Field(default=None, description="Refused when set (not honoured).")
 
     @model_validator(mode="after")
     def _needs_a_form(self) -> Self:
-        # vLLM resolves a union of the two request shapes: `input` wins when both are present.
+        # Both forms at once are sent as they are: the server answers 400 (field messages).
         if self.input is None and self.messages is None:
             raise ValueError("Field required: one of 'input' or 'messages'")
         return self
 
     @property
     def is_chat(self) -> bool:
-        """True when the chat form (`messages`) is used."""
+        """True when only the chat form (`messages`) is used."""
         return self.input is None
+
+
+class EmbedFields(OpenAIBaseModel):
+    """vLLM's EmbedRequestMixin; the server reads `normalize` and its newer name `use_activation`."""
+
+    dimensions: Int32 | None = None
+    normalize: bool | None = None
+    use_activation: bool | None = None
+
+
+class ClassifyFields(OpenAIBaseModel):
+    """vLLM's ClassifyRequestMixin, plus older vLLM's spellings of use_activation (refused when set)."""
+
+    use_activation: bool | None = None
+    softmax: bool | None = Field(default=None, description="Older vLLM's name of use_activation: refused.")
+    activation: bool | None = Field(default=None, description="Older vLLM's name of use_activation: refused.")
+
+
+class ScoringFields(PoolingBasicFields, ClassifyFields):
+    """vLLM's ScoringRequestMixin (/score and /rerank), plus lateserve's `score_mode`."""
+
+    score_mode: str | None = Field(
+        default=None, description="lateserve extension: score mode for models with several (BGE-M3)."
+    )
+    max_tokens_per_query: int = Field(default=0, description="Refused unless 0 (no per-query truncation).")
+    max_tokens_per_doc: int = Field(default=0, description="Refused unless 0 (no per-document truncation).")

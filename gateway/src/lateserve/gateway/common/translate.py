@@ -1,7 +1,9 @@
 """Pure JSON <-> proto helpers shared by the route families: inputs, options, usage, tensors.
 
-Shapes only: a scalar becomes a one-element list, a token-id list becomes TokenIds. Every rule
-about what is allowed lives in the server.
+Shapes only: a scalar becomes a one-element list, a token-id list becomes TokenIds, and every
+field goes as sent (unset stays unset). Every rule about what is allowed lives in the server; the
+gateway only refuses what has no place in the contract: a name with no enum value and the vLLM
+fields lateserve does not honour (UNHONOURED), so nothing a client sets is silently dropped.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
+from pydantic import BaseModel
 
 from lateserve.gateway.common.protocol import (
     ChatMessage,
+    ChatTemplateFields,
     CompletionOrChatFields,
     ContentPart,
     ImageUrlPart,
@@ -26,24 +30,39 @@ from lateserve.gateway.common.protocol import (
 )
 from lateserve.gateway.errors import GatewayError
 from lateserve.v1 import common_pb2
-from lateserve.wire import tensors
+from lateserve.wire import enums, tensors
 
-TRUNCATION_SIDES: dict[str | None, common_pb2.TruncationSide.ValueType] = {
-    None: common_pb2.TRUNCATION_SIDE_UNSPECIFIED,
-    "left": common_pb2.TRUNCATION_SIDE_LEFT,
-    "right": common_pb2.TRUNCATION_SIDE_RIGHT,
+# vLLM request fields lateserve does not honour -> (the value that means "not used", the 400's message).
+# Set to anything else they are refused naming the field, never dropped. `user` is not here: vLLM
+# itself only accepts it (OpenAI's end-user id), so accepting it is honouring it.
+UNHONOURED: dict[str, tuple[object, str]] = {
+    "priority": (0, "Got priority {value} but Priority scheduling is not enabled."),
+    "chat_template": (
+        None,
+        "Chat template is passed with request, but --trust-request-chat-template is not set. "
+        "Refused request with untrusted chat template.",
+    ),
+    "mm_processor_kwargs": (None, "mm_processor_kwargs is not supported yet"),
+    "media_io_kwargs": (None, "media_io_kwargs is not supported"),
+    "cache_salt": (None, "cache_salt is not supported: lateserve has no prefix cache to salt"),
+    "tools": (None, "tools is not supported: the chat template is rendered without tools"),
+    "softmax": (None, "softmax is a removed name of use_activation; send use_activation instead"),
+    "activation": (None, "activation is a removed name of use_activation; send use_activation instead"),
+    "max_tokens_per_query": (0, "max_tokens_per_query is not supported; use truncate_prompt_tokens"),
+    "max_tokens_per_doc": (0, "max_tokens_per_doc is not supported; use truncate_prompt_tokens"),
 }
-EMBEDDING_MODES: dict[str | None, common_pb2.EmbeddingMode.ValueType] = {
-    None: common_pb2.EMBEDDING_MODE_UNSPECIFIED,
-    "raw": common_pb2.EMBEDDING_MODE_RAW,
-    "query": common_pb2.EMBEDDING_MODE_QUERY,
-    "document": common_pb2.EMBEDDING_MODE_DOCUMENT,
-}
-DTYPES: dict[str, common_pb2.Dtype.ValueType] = {
-    "float32": common_pb2.DTYPE_FLOAT32,
-    "float16": common_pb2.DTYPE_FLOAT16,
-    "bfloat16": common_pb2.DTYPE_BFLOAT16,
-}
+
+
+def refuse_unhonoured(body: BaseModel) -> None:
+    """400 naming the first vLLM field of `body` that is set but that lateserve does not honour
+    (an empty dict or list sets nothing)."""
+    for name in type(body).model_fields:
+        if name not in UNHONOURED:
+            continue
+        unused, message = UNHONOURED[name]
+        value = getattr(body, name)
+        if value is not None and value != unused and value not in ({}, []):  # empty: nothing to drop
+            raise GatewayError(message.format(value=value), param=name)
 
 
 def content_part_to_proto(part: ContentPart) -> common_pb2.ContentPart:
@@ -109,24 +128,33 @@ def encode_options(body: PoolingBasicFields, *, add_special_tokens: bool | None 
     """The tokenization options every encoding RPC shares; unset JSON fields stay unset."""
     return common_pb2.EncodeOptions(
         truncate_prompt_tokens=body.truncate_prompt_tokens,
-        truncation_side=TRUNCATION_SIDES[body.truncation_side],
+        truncation_side=enums.value_of(enums.TRUNCATION_SIDES, body.truncation_side, "truncation_side"),
         add_special_tokens=add_special_tokens,
-        embedding_mode=EMBEDDING_MODES[body.embedding_mode],
+        embedding_mode=enums.value_of(enums.EMBEDDING_MODES, body.embedding_mode, "embedding_mode"),
     )
+
+
+def chat_options_to_proto(body: ChatTemplateFields) -> common_pb2.ChatOptions | None:
+    """ChatOptions with what the client set, or None when it set none of them (the server's defaults
+    apply, and the server refuses chat options without messages)."""
+    if body.add_generation_prompt is None and body.continue_final_message is None and body.chat_template_kwargs is None:
+        return None
+    options = common_pb2.ChatOptions(add_generation_prompt=body.add_generation_prompt)
+    options.continue_final_message = bool(body.continue_final_message)
+    if body.chat_template_kwargs is not None:
+        options.chat_template_kwargs.SetInParent()
+        options.chat_template_kwargs.update(body.chat_template_kwargs)
+    return options
 
 
 def completion_or_chat_to_proto(
     body: CompletionOrChatFields,
-) -> tuple[list[common_pb2.Input], list[common_pb2.ChatMessage], bool | None]:
-    """(inputs, messages, add_special_tokens) for a request in completion or chat form.
-
-    vLLM's default for add_special_tokens differs by form (true for `input`, false for
-    `messages`); the chat default is spelled out because the proto's unset means true.
-    """
-    if body.input is not None:
-        return completion_inputs_to_proto(body.input), [], body.add_special_tokens
-    messages = chat_messages_to_proto(body.messages or [])
-    return [], messages, False if body.add_special_tokens is None else body.add_special_tokens
+) -> tuple[list[common_pb2.Input], list[common_pb2.ChatMessage], common_pb2.ChatOptions | None]:
+    """(inputs, messages, chat options) as sent: both forms at once go to the server, which answers
+    400; add_special_tokens and its per-form default are the server's too (encode_options)."""
+    inputs = completion_inputs_to_proto(body.input) if body.input is not None else []
+    messages = chat_messages_to_proto(body.messages) if body.messages is not None else []
+    return inputs, messages, chat_options_to_proto(body)
 
 
 def rerank_usage(usage: common_pb2.Usage) -> dict[str, Any]:
@@ -172,7 +200,7 @@ def tensor_to_json(
     """
     if encoding_format == "float":
         return tensors.from_tensor(tensor).tolist()
-    wanted = DTYPES[embed_dtype]
+    wanted = enums.value_of(enums.DTYPES, embed_dtype, "embed_dtype")
     data = tensor.data
     if (tensor.dtype or common_pb2.DTYPE_FLOAT32) != wanted:
         data = tensors.encode_array(tensors.from_tensor(tensor), wanted)
@@ -184,7 +212,9 @@ def tensor_to_json(
 
 def wire_dtype(encoding_format: str, embed_dtype: str) -> common_pb2.Dtype.ValueType:
     """The Tensor dtype to ask the server for: embed_dtype matters only for base64 (as vLLM)."""
-    return DTYPES[embed_dtype] if encoding_format == "base64" else common_pb2.DTYPE_FLOAT32
+    if encoding_format != "base64":
+        return common_pb2.DTYPE_FLOAT32
+    return enums.value_of(enums.DTYPES, embed_dtype, "embed_dtype")
 
 
 def input_to_json(item: common_pb2.Input) -> Mapping[str, Any]:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from lateserve.gateway.common.protocol import CompletionOrChatFields, EncodingFields, Int32, PoolingBasicFields
+from lateserve.gateway.common.protocol import CompletionOrChatFields, EmbedFields, EncodingFields, PoolingBasicFields
 
 
-class EmbeddingRequest(PoolingBasicFields, EncodingFields, CompletionOrChatFields):
+class EmbeddingRequest(PoolingBasicFields, EncodingFields, CompletionOrChatFields, EmbedFields):
     """`input` or `messages` to embed, and how to encode the vectors."""
-
-    dimensions: Int32 | None = None
-    normalize: bool | None = None
-    use_activation: bool | None = None

@@ -10,17 +10,20 @@ from lateserve.v1 import embed_service_pb2
 
 
 def embed_request_to_proto(body: EmbeddingRequest, request_id: str) -> embed_service_pb2.EmbedRequest:
-    """The JSON request as an EmbedRequest."""
-    inputs, messages, add_special_tokens = common.completion_or_chat_to_proto(body)
+    """The JSON request as an EmbedRequest, every field as sent (the server applies the rules)."""
+    common.refuse_unhonoured(body)
+    inputs, messages, chat = common.completion_or_chat_to_proto(body)
     return embed_service_pb2.EmbedRequest(
         model=body.model or "",
         inputs=inputs,
         messages=messages,
-        options=common.encode_options(body, add_special_tokens=add_special_tokens),
+        options=common.encode_options(body, add_special_tokens=body.add_special_tokens),
         dimensions=body.dimensions,
-        normalize=body.normalize if body.normalize is not None else body.use_activation,
+        normalize=body.normalize,
+        use_activation=body.use_activation,
         dtype=common.wire_dtype(body.encoding_format, body.embed_dtype),
         request_id=request_id,
+        chat=chat,
     )
 
 

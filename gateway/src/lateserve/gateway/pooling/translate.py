@@ -8,44 +8,36 @@ from lateserve.gateway.common import translate as common
 from lateserve.gateway.errors import GatewayError
 from lateserve.gateway.pooling.protocol import PoolingRequest
 from lateserve.v1 import common_pb2, pool_service_pb2
-
-POOLING_TASKS: dict[str, common_pb2.PoolingTask.ValueType] = {
-    "token_embed": common_pb2.POOLING_TASK_TOKEN_EMBED,
-    "token_classify": common_pb2.POOLING_TASK_TOKEN_CLASSIFY,
-    "embed": common_pb2.POOLING_TASK_EMBED,
-    "classify": common_pb2.POOLING_TASK_CLASSIFY,
-}
+from lateserve.wire import enums
 
 
 def pooling_task_to_proto(task: str | None) -> common_pb2.PoolingTask.ValueType:
-    """The task name as a PoolingTask; a name with no proto value is a 400 on `task`.
-
-    Whether the model supports a known task is the server's call (UNSUPPORTED_TASK).
+    """The task name as a PoolingTask; a name with no proto value cannot be sent: 400 on `task`,
+    in vLLM's wording. Whether the model supports a known task is the server's call (UNSUPPORTED_TASK).
     """
-    if task is None:
-        return common_pb2.POOLING_TASK_UNSPECIFIED
     try:
-        return POOLING_TASKS[task]
-    except KeyError:
-        raise GatewayError(f"Unsupported task: {task!r} Known tasks: {list(POOLING_TASKS)}", param="task") from None
+        return enums.value_of(enums.POOLING_TASKS, task, "task")
+    except enums.UnknownName as unknown:
+        raise GatewayError(f"Unsupported task: {task!r} Known tasks: {unknown.known}", param="task") from None
 
 
 def pool_request_to_proto(body: PoolingRequest, request_id: str) -> pool_service_pb2.PoolRequest:
-    """The JSON request as a PoolRequest."""
-    if body.dimensions is not None:
-        # The proto has no dimensions on Pool, as vLLM's /pooling rejects it.
-        raise GatewayError("dimensions is currently not supported", param="dimensions")
-    inputs, messages, add_special_tokens = common.completion_or_chat_to_proto(body)
+    """The JSON request as a PoolRequest, every field as sent (the server applies the rules)."""
+    common.refuse_unhonoured(body)
+    inputs, messages, chat = common.completion_or_chat_to_proto(body)
     return pool_service_pb2.PoolRequest(
         model=body.model or "",
         inputs=inputs,
         messages=messages,
         task=pooling_task_to_proto(body.task),
-        options=common.encode_options(body, add_special_tokens=add_special_tokens),
+        options=common.encode_options(body, add_special_tokens=body.add_special_tokens),
         dtype=common.wire_dtype(body.encoding_format, body.embed_dtype),
-        normalize=body.normalize if body.normalize is not None else body.use_activation,
+        normalize=body.normalize,
+        use_activation=body.use_activation,
+        dimensions=body.dimensions,
         request_id=request_id,
         return_lexical_weights=body.return_lexical_weights,
+        chat=chat,
     )
 
 

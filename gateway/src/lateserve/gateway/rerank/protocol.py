@@ -5,16 +5,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from lateserve.gateway.common.protocol import Int32, PoolingBasicFields, ScoreInput, ScoreInputs
+from lateserve.gateway.common.protocol import Int32, ScoreInput, ScoreInputs, ScoringFields
 
 
-class RerankRequest(PoolingBasicFields):
+class RerankRequest(ScoringFields):
     """One query ranked against documents."""
 
     query: ScoreInput
     documents: ScoreInputs
     top_n: Int32 = Field(default=0, description="Return the best top_n; 0 (or >= len(documents)) returns all.")
-    score_mode: str | None = Field(
-        default=None, description="lateserve extension: score mode for models with several (BGE-M3)."
-    )
-    use_activation: bool | None = None

@@ -11,6 +11,7 @@ from lateserve.v1 import rerank_service_pb2
 
 def rerank_request_to_proto(body: RerankRequest, request_id: str) -> rerank_service_pb2.RerankRequest:
     """The JSON request as a RerankRequest (documents as a list even when one was sent bare)."""
+    common.refuse_unhonoured(body)
     return rerank_service_pb2.RerankRequest(
         model=body.model or "",
         query=common.score_input_to_proto(body.query),
@@ -19,6 +20,7 @@ def rerank_request_to_proto(body: RerankRequest, request_id: str) -> rerank_serv
         options=common.encode_options(body),
         request_id=request_id,
         score_mode=body.score_mode or "",
+        use_activation=body.use_activation,
     )
 
 

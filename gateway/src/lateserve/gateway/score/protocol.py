@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
-from lateserve.gateway.common.protocol import PoolingBasicFields, ScoreInputs
+from lateserve.gateway.common.protocol import ScoreInputs, ScoringFields
 
 # The spellings vLLM accepts, in the order its request union tries them.
 SPELLINGS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
 
 
-class ScoreRequest(PoolingBasicFields):
+class ScoreRequest(ScoringFields):
     """Queries and documents to pair 1:1, 1:N or N:N (the server pairs them)."""
 
     queries: ScoreInputs | None = None
@@ -22,10 +22,6 @@ class ScoreRequest(PoolingBasicFields):
     data_2: ScoreInputs | None = None
     text_1: ScoreInputs | None = None
     text_2: ScoreInputs | None = None
-    score_mode: str | None = Field(
-        default=None, description="lateserve extension: score mode for models with several (BGE-M3)."
-    )
-    use_activation: bool | None = None
 
     @model_validator(mode="after")
     def _one_spelling(self) -> Self:

@@ -11,6 +11,7 @@ from lateserve.v1 import score_service_pb2
 
 def score_request_to_proto(body: ScoreRequest, request_id: str) -> score_service_pb2.ScoreRequest:
     """Any of the four spellings as ScoreRequest.queries/documents (scalars become one item)."""
+    common.refuse_unhonoured(body)
     queries, documents = body.pair()
     return score_service_pb2.ScoreRequest(
         model=body.model or "",
@@ -19,6 +20,7 @@ def score_request_to_proto(body: ScoreRequest, request_id: str) -> score_service
         options=common.encode_options(body),
         request_id=request_id,
         score_mode=body.score_mode or "",
+        use_activation=body.use_activation,
     )
 
 

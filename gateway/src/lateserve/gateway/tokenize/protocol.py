@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Any, Self
 
 from pydantic import Field, model_validator
 
-from lateserve.gateway.common.protocol import ChatMessage, Int32, OpenAIBaseModel
+from lateserve.gateway.common.protocol import ChatMessage, ChatTemplateFields, Int32, OpenAIBaseModel
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(ChatTemplateFields):
     """`prompt` (completion form) or `messages` (chat form)."""
 
     model: str | None = None
@@ -19,8 +19,8 @@ class TokenizeRequest(OpenAIBaseModel):
         default=None, description="Unset: true for `prompt`, false for `messages` (as vLLM)."
     )
     return_token_strs: bool | None = False
-    add_generation_prompt: bool | None = None
-    continue_final_message: bool = False
+    mm_processor_kwargs: dict[str, Any] | None = Field(default=None, description="Refused when set (not yet honoured).")
+    tools: list[dict[str, Any]] | None = Field(default=None, description="Refused when set (not honoured).")
 
     @model_validator(mode="after")
     def _needs_a_form(self) -> Self:

@@ -10,7 +10,9 @@ from lateserve.v1 import tokenize_service_pb2
 
 
 def tokenize_request_to_proto(body: TokenizeRequest) -> tokenize_service_pb2.TokenizeRequest:
-    """The JSON request as a TokenizeRequest; messages are sent only in the chat form."""
+    """The JSON request as a TokenizeRequest; messages are sent only in the chat form (`prompt` wins,
+    as vLLM's request union). Chat options go as sent: the server refuses them without messages."""
+    common.refuse_unhonoured(body)
     chat = body.prompt is None
     return tokenize_service_pb2.TokenizeRequest(
         model=body.model or "",
@@ -18,7 +20,7 @@ def tokenize_request_to_proto(body: TokenizeRequest) -> tokenize_service_pb2.Tok
         messages=common.chat_messages_to_proto(body.messages or []) if chat else [],
         add_special_tokens=body.add_special_tokens,
         return_token_strs=bool(body.return_token_strs),
-        add_generation_prompt=body.add_generation_prompt,
+        chat=common.chat_options_to_proto(body),
     )
 
 

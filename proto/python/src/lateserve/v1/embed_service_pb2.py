@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lateserve.v1 import common_pb2 as lateserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lateserve/v1/embed_service.proto\x12\x0clateserve.v1\x1a\x19lateserve/v1/common.proto\"\xcc\x02\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.lateserve.v1.Input\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.lateserve.v1.ChatMessage\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.lateserve.v1.EncodeOptions\x12\x17\n\ndimensions\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\"\n\x05\x64type\x18\x07 \x01(\x0e\x32\x13.lateserve.v1.Dtype\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\'\n\x04\x63hat\x18\t \x01(\x0b\x32\x19.lateserve.v1.ChatOptionsB\r\n\x0b_dimensionsB\x0c\n\n_normalize\">\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\"\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x14.lateserve.v1.Tensor\"\xa3\x01\n\rEmbedResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\nembeddings\x18\x03 \x03(\x0b\x32\x17.lateserve.v1.Embedding\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.lateserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.lateserve.v1.Timings2P\n\x0c\x45mbedService\x12@\n\x05\x45mbed\x12\x1a.lateserve.v1.EmbedRequest\x1a\x1b.lateserve.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lateserve/v1/embed_service.proto\x12\x0clateserve.v1\x1a\x19lateserve/v1/common.proto\"\xfc\x02\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.lateserve.v1.Input\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.lateserve.v1.ChatMessage\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.lateserve.v1.EncodeOptions\x12\x17\n\ndimensions\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\"\n\x05\x64type\x18\x07 \x01(\x0e\x32\x13.lateserve.v1.Dtype\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\'\n\x04\x63hat\x18\t \x01(\x0b\x32\x19.lateserve.v1.ChatOptions\x12\x1b\n\x0euse_activation\x18\n \x01(\x08H\x02\x88\x01\x01\x42\r\n\x0b_dimensionsB\x0c\n\n_normalizeB\x11\n\x0f_use_activation\">\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\"\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x14.lateserve.v1.Tensor\"\xa3\x01\n\rEmbedResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\nembeddings\x18\x03 \x03(\x0b\x32\x17.lateserve.v1.Embedding\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.lateserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.lateserve.v1.Timings2P\n\x0c\x45mbedService\x12@\n\x05\x45mbed\x12\x1a.lateserve.v1.EmbedRequest\x1a\x1b.lateserve.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lateserve.v1.embed_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMBEDREQUEST']._serialized_start=78
-  _globals['_EMBEDREQUEST']._serialized_end=410
-  _globals['_EMBEDDING']._serialized_start=412
-  _globals['_EMBEDDING']._serialized_end=474
-  _globals['_EMBEDRESPONSE']._serialized_start=477
-  _globals['_EMBEDRESPONSE']._serialized_end=640
-  _globals['_EMBEDSERVICE']._serialized_start=642
-  _globals['_EMBEDSERVICE']._serialized_end=722
+  _globals['_EMBEDREQUEST']._serialized_end=458
+  _globals['_EMBEDDING']._serialized_start=460
+  _globals['_EMBEDDING']._serialized_end=522
+  _globals['_EMBEDRESPONSE']._serialized_start=525
+  _globals['_EMBEDRESPONSE']._serialized_end=688
+  _globals['_EMBEDSERVICE']._serialized_start=690
+  _globals['_EMBEDSERVICE']._serialized_end=770
 # @@protoc_insertion_point(module_scope)

@@ -34,16 +34,21 @@ class EmbedRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
+    USE_ACTIVATION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     dimensions: _builtins.int
     """Keep only the first `dimensions` components (Matryoshka models)."""
     normalize: _builtins.bool
-    """L2-normalise; unset: true."""
+    """L2-normalise; unset: use_activation's value, else true."""
     dtype: _common_pb2.Dtype.ValueType
     """Element type of the returned tensors; unset: float32."""
     request_id: _builtins.str
     """Caller's request id; generated when empty."""
+    use_activation: _builtins.bool
+    """vLLM's newer name for normalize; unset: normalize's value, else true. Set to a value other than
+    normalize's: INVALID_ARGUMENT with field use_activation.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
         """The inputs (completion form). Exactly one of inputs or messages is set (both: INVALID_ARGUMENT)."""
@@ -72,19 +77,24 @@ class EmbedRequest(_message.Message):
         dtype: _common_pb2.Dtype.ValueType = ...,
         request_id: _builtins.str = ...,
         chat: _common_pb2.ChatOptions | None = ...,
+        use_activation: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "chat", b"chat", "dimensions", b"dimensions", "normalize", b"normalize", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "normalize", b"normalize", "options", b"options", "use_activation", b"use_activation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "chat", b"chat", "dimensions", b"dimensions", "dtype", b"dtype", "inputs", b"inputs", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "dtype", b"dtype", "inputs", b"inputs", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "use_activation", b"use_activation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    _WhichOneofReturnType__use_activation: _TypeAlias = _typing.Literal["use_activation"]  # noqa: Y015
+    _WhichOneofArgType__use_activation: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_activation) -> _WhichOneofReturnType__use_activation | None: ...
 
 Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
 

@@ -65,6 +65,8 @@ class PoolRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     RETURN_LEXICAL_WEIGHTS_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    USE_ACTIVATION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     task: _common_pb2.PoolingTask.ValueType
@@ -72,11 +74,22 @@ class PoolRequest(_message.Message):
     dtype: _common_pb2.Dtype.ValueType
     """Element type of the returned tensors; unset: float32."""
     normalize: _builtins.bool
-    """L2-normalise embeddings (embed/token_embed); unset: the model's default (true)."""
+    """L2-normalise embeddings (embed/token_embed), or apply the classifier activation
+    (classify/token_classify); unset: use_activation's value, else true.
+    """
     request_id: _builtins.str
     """Caller's request id, echoed in the response id; generated when empty."""
     return_lexical_weights: _builtins.bool
     """token_classify on a sparse model: also return lexical weights per input."""
+    dimensions: _builtins.int
+    """vLLM's /pooling field, kept so it is never dropped: any value is INVALID_ARGUMENT with field
+    dimensions ("dimensions is currently not supported"), as vLLM; use Embed for Matryoshka cuts.
+    """
+    use_activation: _builtins.bool
+    """vLLM's newer name for normalize (embed/token_embed: L2-normalise) and the classifier activation
+    (classify/token_classify); unset: normalize's value, else true. Set to a value other than
+    normalize's: INVALID_ARGUMENT with field use_activation.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
         """The inputs (completion form). Exactly one of inputs or messages is set (both: INVALID_ARGUMENT)."""
@@ -106,14 +119,25 @@ class PoolRequest(_message.Message):
         request_id: _builtins.str = ...,
         return_lexical_weights: _builtins.bool = ...,
         chat: _common_pb2.ChatOptions | None = ...,
+        dimensions: _builtins.int | None = ...,
+        use_activation: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "chat", b"chat", "normalize", b"normalize", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "normalize", b"normalize", "options", b"options", "use_activation", b"use_activation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "chat", b"chat", "dtype", b"dtype", "inputs", b"inputs", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "dtype", b"dtype", "inputs", b"inputs", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task", "use_activation", b"use_activation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    _WhichOneofReturnType__use_activation: _TypeAlias = _typing.Literal["use_activation"]  # noqa: Y015
+    _WhichOneofArgType__use_activation: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_activation) -> _WhichOneofReturnType__use_activation | None: ...
 
 Global___PoolRequest: _TypeAlias = PoolRequest  # noqa: Y015
 
@@ -214,6 +238,8 @@ class StreamPoolRequest(_message.Message):
     RETURN_LEXICAL_WEIGHTS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    USE_ACTIVATION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     task: _common_pb2.PoolingTask.ValueType
@@ -221,13 +247,19 @@ class StreamPoolRequest(_message.Message):
     dtype: _common_pb2.Dtype.ValueType
     """Element type of the returned tensors; unset: float32."""
     normalize: _builtins.bool
-    """L2-normalise embeddings (embed/token_embed); unset: the model's default (true)."""
+    """L2-normalise embeddings (embed/token_embed), or apply the classifier activation
+    (classify/token_classify); unset: use_activation's value, else true.
+    """
     request_id: _builtins.str
     """Caller's request id; generated when empty."""
     return_lexical_weights: _builtins.bool
     """token_classify on a sparse model: also return lexical weights per input."""
     max_chunk_bytes: _builtins.int
     """Largest tensor payload per message in bytes; unset or 0: 1 MiB."""
+    dimensions: _builtins.int
+    """As PoolRequest.dimensions: any value is INVALID_ARGUMENT with field dimensions."""
+    use_activation: _builtins.bool
+    """As PoolRequest.use_activation: normalize's newer name, and the classifier activation."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
         """The inputs (completion form). Exactly one of inputs or messages is set (both: INVALID_ARGUMENT)."""
@@ -258,19 +290,29 @@ class StreamPoolRequest(_message.Message):
         return_lexical_weights: _builtins.bool = ...,
         max_chunk_bytes: _builtins.int | None = ...,
         chat: _common_pb2.ChatOptions | None = ...,
+        dimensions: _builtins.int | None = ...,
+        use_activation: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "chat", b"chat", "max_chunk_bytes", b"max_chunk_bytes", "normalize", b"normalize", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "max_chunk_bytes", b"max_chunk_bytes", "normalize", b"normalize", "options", b"options", "use_activation", b"use_activation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "chat", b"chat", "dtype", b"dtype", "inputs", b"inputs", "max_chunk_bytes", b"max_chunk_bytes", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "dtype", b"dtype", "inputs", b"inputs", "max_chunk_bytes", b"max_chunk_bytes", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task", "use_activation", b"use_activation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
     _WhichOneofReturnType__max_chunk_bytes: _TypeAlias = _typing.Literal["max_chunk_bytes"]  # noqa: Y015
     _WhichOneofArgType__max_chunk_bytes: _TypeAlias = _typing.Literal["_max_chunk_bytes", b"_max_chunk_bytes"]  # noqa: Y015
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    _WhichOneofReturnType__use_activation: _TypeAlias = _typing.Literal["use_activation"]  # noqa: Y015
+    _WhichOneofArgType__use_activation: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_chunk_bytes) -> _WhichOneofReturnType__max_chunk_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_activation) -> _WhichOneofReturnType__use_activation | None: ...
 
 Global___StreamPoolRequest: _TypeAlias = StreamPoolRequest  # noqa: Y015
 

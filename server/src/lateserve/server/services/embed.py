@@ -15,6 +15,7 @@ from lateserve.server.services.convert import (
     timings,
     usage,
 )
+from lateserve.server.services.pool import use_activation
 from lateserve.v1 import embed_service_pb2 as pb
 from lateserve.v1 import embed_service_pb2_grpc as pb_grpc
 from lateserve.wire.tensors import to_tensor
@@ -37,7 +38,7 @@ class EmbedServicer(pb_grpc.EmbedServiceServicer):
                     "will lead to poor results.",
                     field="dimensions",
                 )
-        normalize = request.normalize if request.HasField("normalize") else True
+        normalize = use_activation(request)
         inputs, options = request_inputs(request)
         result = await engine.encode(inputs, frozenset({Task.EMBED}), options, normalize=normalize)
         embeddings = []

@@ -19,12 +19,31 @@ from lateserve.server.services.convert import (
     timings,
     usage,
 )
+from lateserve.v1 import embed_service_pb2 as embed_pb
 from lateserve.v1 import pool_service_pb2 as pb
 from lateserve.v1 import pool_service_pb2_grpc as pb_grpc
 from lateserve.wire.tensors import to_tensor
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 PoolLike = pb.PoolRequest | pb.StreamPoolRequest
+ActivationLike = pb.PoolRequest | pb.StreamPoolRequest | embed_pb.EmbedRequest
+
+
+def use_activation(request: ActivationLike) -> bool:
+    """The one reading of vLLM's `normalize` and its newer name `use_activation` (Pool, StreamPool,
+    Embed): whichever is set, both only when equal, unset true (vLLM's default)."""
+    normalize = request.normalize if request.HasField("normalize") else None
+    activation = request.use_activation if request.HasField("use_activation") else None
+    if normalize is not None and activation is not None and normalize != activation:
+        raise InvalidArgument(
+            f"use_activation ({activation}) contradicts normalize ({normalize}): use_activation is the newer "
+            "name of normalize; set one of them",
+            field="use_activation",
+        )
+    for value in (activation, normalize):
+        if value is not None:
+            return value
+    return True
 
 
 class PoolServicer(pb_grpc.PoolServiceServicer):
@@ -40,12 +59,18 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
 
     async def _run(self, request: PoolLike) -> tuple[Task, EncodeResult]:
         self.model.check(request.model)
+        if request.HasField("dimensions"):
+            raise InvalidArgument("dimensions is currently not supported", field="dimensions")  # as vLLM's /pooling
         task = self._task(request)
         inputs, options = request_inputs(request)
-        normalize = request.normalize if request.HasField("normalize") else True
+        # One switch, as vLLM: L2 normalisation for embed/token_embed, the classifier activation for
+        # classify (and BGE-M3's sparse relu, which reads the normalize flag) for the classify tasks.
+        activation = use_activation(request)
         if request.return_lexical_weights:
             self._lexical_spec(task)  # fail before encoding
-        result = await self.model.engine.encode(inputs, frozenset({task}), options, normalize=normalize, field="input")
+        result = await self.model.engine.encode(
+            inputs, frozenset({task}), options, normalize=activation, activation=activation, field="input"
+        )
         return task, result
 
     def _lexical_spec(self, task: Task) -> LexicalSpec:
