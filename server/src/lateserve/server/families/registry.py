@@ -37,6 +37,10 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "ColBERTLfm2Model": ("lateserve.server.families.st_colbert", "StColBERT"),
     "ColBERTJinaRobertaModel": ("lateserve.server.families.jina_colbert", "JinaColBERT"),
     "BgeM3EmbeddingModel": ("lateserve.server.families.bge_m3", "BgeM3"),
+    # Qwen3-VL late interaction (text + images): Tomoro, OpenSearch and NVIDIA layouts.
+    "ColQwen3": ("lateserve.server.families.colqwen3", "ColQwen3Family"),
+    "OpsColQwen3Model": ("lateserve.server.families.colqwen3", "ColQwen3Family"),
+    "Qwen3VLNemotronEmbedModel": ("lateserve.server.families.colqwen3", "ColQwen3Family"),
 }
 
 

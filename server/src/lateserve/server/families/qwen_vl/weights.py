@@ -1,0 +1,86 @@
+"""Checkpoint key layouts of the Qwen3-VL late-interaction models, mapped onto transformers' `Qwen3VLModel`.
+
+Torch-free (generic over the value type), so the server process can read projection shapes from
+safetensors headers with the same rules the worker loads weights with.
+
+The prefixes are vLLM's `hf_to_vllm_mapper` for ColQwen3 (vllm-spec 1.4), in its order, ending at
+`Qwen3VLModel`'s own names (`visual.*`, `language_model.*`) instead of vLLM's:
+
+| checkpoint key | layout | Qwen3VLModel key |
+|---|---|---|
+| `vlm.model.visual.X` | Tomoro (`ColQwen3`) | `visual.X` |
+| `vlm.model.language_model.X` | Tomoro | `language_model.X` |
+| `model.visual.X` | NVIDIA (`Qwen3VLNemotronEmbedModel`) | `visual.X` |
+| `model.language_model.model.X`, `model.language_model.X` | NVIDIA | `language_model.X` |
+| `visual.X`, `language_model.model.X`, `language_model.X` | OpenSearch (`OpsColQwen3Model`) | same |
+| `vlm.lm_head.*`, `lm_head.*`, `language_model.lm_head.*` | any | ignored (generation head) |
+| `…custom_text_proj.{weight,bias}` (ColPali, Ops), `…embedding_proj_layer.*` (Tomoro) | any | the projection |
+
+Anything else is kept under its own name, so the strict load reports it as unexpected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+PREFIXES: tuple[tuple[str, str], ...] = (
+    ("vlm.model.visual.", "visual."),
+    ("vlm.model.language_model.", "language_model."),
+    ("model.visual.", "visual."),
+    ("model.language_model.model.", "language_model."),
+    ("model.language_model.", "language_model."),
+    ("visual.", "visual."),
+    ("language_model.model.", "language_model."),
+    ("language_model.", "language_model."),
+)
+"""(checkpoint prefix, Qwen3VLModel prefix); the first match wins."""
+
+IGNORED_PREFIXES = ("vlm.lm_head.", "lm_head.", "language_model.lm_head.")
+"""The language-modelling head of the generative checkpoint the model was trained from; never used."""
+
+_PROJECTION = re.compile(r"(?:^|.*\.)(custom_text_proj|embedding_proj_layer)\.(weight|bias)")
+
+
+@dataclass
+class SplitCheckpoint(Generic[T]):
+    """A checkpoint's entries sorted into backbone, projection and ignored, with the names on disk."""
+
+    backbone: dict[str, T] = field(default_factory=dict)
+    """Under Qwen3VLModel's names."""
+    projection: dict[str, T] = field(default_factory=dict)
+    """"weight" and, when the checkpoint has one, "bias"."""
+    origin: dict[str, str] = field(default_factory=dict)
+    """Qwen3VLModel name (or "proj.weight"/"proj.bias") -> checkpoint name, for error messages."""
+    ignored: list[str] = field(default_factory=list)
+
+
+def split_checkpoint(state: Mapping[str, T]) -> SplitCheckpoint[T]:
+    """Sort `state` by the table in the module docstring."""
+    split: SplitCheckpoint[T] = SplitCheckpoint()
+    for name, value in state.items():
+        if name.startswith(IGNORED_PREFIXES):
+            split.ignored.append(name)
+            continue
+        found = _PROJECTION.fullmatch(name)
+        if found is not None:
+            part = found.group(2)
+            if part in split.projection:  # two projections (e.g. both namings): the second is unexpected
+                split.backbone[name] = value
+                split.origin[name] = name
+            else:
+                split.projection[part] = value
+                split.origin[f"proj.{part}"] = name
+            continue
+        short = name
+        for old, new in PREFIXES:
+            if name.startswith(old):
+                short = new + name[len(old) :]
+                break
+        split.backbone[short] = value
+        split.origin[short] = name
+    return split
