@@ -127,6 +127,7 @@ class Server:
             max_queued_requests=cfg.max_queued_requests,
             max_queued_tokens=cfg.max_queued_tokens,
             max_queued_bytes=cfg.max_queued_bytes,
+            max_queue_wait_s=cfg.max_queue_wait_ms / 1000,
             prepare_threads=cfg.prepare_threads or min(4, usable_cores()),
             max_images_per_prompt=cfg.media.max_images_per_prompt,
             doc_cache_bytes=cfg.doc_cache_mb << 20 if spec.kind == ModelKind.LATE_INTERACTION else 0,

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how /score and /rerank score (default: the model's kind, as vLLM; the bundled model: late-interaction)",
     )
     serve.add_argument(
+        "--max-queue-wait-ms",
+        type=int,
+        default=5000,
+        help="shed with 429 once the queued work needs longer than this to drain at the measured speed (0: never)",
+    )
+    serve.add_argument(
         "--worker-batch-timeout",
         type=float,
         default=120.0,
@@ -154,6 +160,7 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         scoring_embedding_mode=ns.scoring_embedding_mode,
         score_type=ns.score_type,
         max_queued_bytes=ns.max_queued_mb << 20,
+        max_queue_wait_ms=ns.max_queue_wait_ms,
         worker_batch_timeout=ns.worker_batch_timeout,
         worker_heartbeat=ns.worker_heartbeat,
         prepare_threads=ns.prepare_threads,

@@ -45,6 +45,8 @@ class ServerConfig:
     """late-interaction | bi-encoder | cross-encoder: overrides how /score and /rerank score (vLLM's
     kind for the model otherwise; the bundled default model is served as late interaction)."""
     max_queued_bytes: int = 1 << 30
+    max_queue_wait_ms: int = 5000
+    """Shed new work with 429 once the work in flight needs longer than this to drain (0: never)."""
     worker_batch_timeout: float = 120.0
     """Seconds a worker may take for a full batch (scaled by cost) before it counts as frozen and is replaced."""
     worker_heartbeat: float = 5.0

@@ -128,6 +128,7 @@ class Engine:
         doc_cache_bytes: int = 0,
         faithful_scoring: bool = False,
         prepare_threads: int = 2,
+        max_queue_wait_s: float = 0.0,
         max_images_per_prompt: int = 8,
     ) -> None:
         self.spec = spec
@@ -137,6 +138,8 @@ class Engine:
         self.max_queued_tokens = max_queued_tokens
         self.active_requests = 0
         self.max_queued_bytes = max_queued_bytes
+        # Shed once the work already in flight would keep a new request waiting longer than this (0: never).
+        self.max_queue_wait_s = max_queue_wait_s
         self.max_images_per_prompt = max_images_per_prompt
         self.queued_tokens = 0
         self.queued_bytes = 0
@@ -306,6 +309,18 @@ class Engine:
                     field="input",
                     metadata={"limit": str(limit), "requested": str(amount)},
                 )
+        wait = self.batcher.expected_wait_s() if self.queued_tokens else None
+        if self.max_queue_wait_s and wait is not None and wait > self.max_queue_wait_s:
+            metrics.REJECTED.labels("latency").inc()
+            raise Overloaded(
+                f"the work in flight needs about {wait:.1f} s, over the {self.max_queue_wait_s:g} s wait limit "
+                "(--max-queue-wait-ms); retry later",
+                retry_after_s=max(1.0, round(wait - self.max_queue_wait_s, 1)),
+                metadata={
+                    "expectedWaitMs": str(int(wait * 1000)),
+                    "maxQueueWaitMs": str(int(self.max_queue_wait_s * 1000)),
+                },
+            )
         if self.queued_tokens + cost > self.max_queued_tokens:
             metrics.REJECTED.labels("tokens").inc()
             raise Overloaded(
@@ -354,8 +369,13 @@ class Engine:
         normalize: bool,
         activation: bool,
         use_cache: bool,
+        together: asyncio.Barrier | None = None,
     ) -> EncodeResult:
-        """Admit, prepare off the loop, bound the queued cost and bytes, run, post-process."""
+        """Admit, prepare off the loop, bound the queued cost and bytes, run, post-process.
+
+        `together`: calls of one request (the query and document sides of /score) meet there once
+        prepared, so their sequences are queued in the same tick and cut into batches together (one
+        request spread over the idle workers), whichever side finished preparing first."""
         start = time.perf_counter_ns()
         self._admit()
         self.active_requests += 1
@@ -369,6 +389,8 @@ class Engine:
             self.queued_bytes += nbytes
             metrics.QUEUED_TOKENS.set(self.queued_tokens)
             tokenize_ns = time.perf_counter_ns() - start
+            if together is not None:
+                await together.wait()
             work = [WorkItem(seq, tasks, normalize, activation) for seq in sequences]
             outputs, timings = await self._run(work, use_cache)
             if activation and Task.CLASSIFY in tasks:
@@ -398,6 +420,7 @@ class Engine:
         normalize: bool = True,
         activation: bool = True,
         field: str = "input",
+        together: asyncio.Barrier | None = None,
     ) -> EncodeResult:
         """Encode items for the given tasks; raises the LateserveError a client should see.
 
@@ -410,6 +433,7 @@ class Engine:
             normalize=normalize,
             activation=activation,
             use_cache=role == "document" and self.cache.enabled,
+            together=together,
         )
 
     async def encode_pairs(

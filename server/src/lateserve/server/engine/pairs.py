@@ -61,9 +61,14 @@ async def _encode_sides(
     if engine.faithful_scoring and options.embedding_mode == EmbeddingMode.AUTO:
         q_options = replace(options, embedding_mode=EmbeddingMode.QUERY)
         d_options = replace(options, embedding_mode=EmbeddingMode.DOCUMENT)
+    together = asyncio.Barrier(2)
     async with asyncio.TaskGroup() as group:
-        q = group.create_task(engine.encode(queries, tasks, q_options, role="query", field="queries"))
-        d = group.create_task(engine.encode(documents, tasks, d_options, role="document", field="documents"))
+        q = group.create_task(
+            engine.encode(queries, tasks, q_options, role="query", field="queries", together=together)
+        )
+        d = group.create_task(
+            engine.encode(documents, tasks, d_options, role="document", field="documents", together=together)
+        )
     return q.result(), d.result()
 
 

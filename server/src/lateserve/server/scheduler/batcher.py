@@ -46,6 +46,8 @@ class Batcher:
         self.pool = pool
         self.queue = queue
         self.batch_timeout_s = batch_timeout_s
+        self._rate = 0.0  # cost units per second of one worker's forward time, smoothed
+        self._busy_until: dict[int, float] = {}  # worker id -> when its dispatched batches should be done
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -94,11 +96,36 @@ class Batcher:
                     break
                 # Sent now, not inside the task, so the worker counts as busy before the next cut.
                 sent = worker.submit([e.payload.item for e in batch], self.deadline_s(batch))
+                self._book(worker.spec.worker_id, sum(e.num_tokens for e in batch))
                 task = asyncio.get_running_loop().create_task(self._run(worker, batch, sent))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
             metrics.QUEUE_SIZE.set(len(self.queue))
             metrics.DROPPED.set(self.queue.dropped)
+
+    def _observe(self, cost: int, inference_ns: int) -> None:
+        if cost <= 0 or inference_ns <= 0:
+            return
+        rate = cost / (inference_ns / 1e9)
+        self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+
+    def _book(self, worker_id: int, cost: int) -> None:
+        """Extend the worker's expected busy time by a dispatched batch (once a speed is measured)."""
+        if self._rate <= 0:
+            return
+        now = time.monotonic()
+        self._busy_until[worker_id] = max(now, self._busy_until.get(worker_id, now)) + cost / self._rate
+
+    def expected_wait_s(self) -> float | None:
+        """Seconds new work would wait before a worker starts it: the soonest-free worker's remaining
+        dispatched work plus the waiting queue spread over the ready workers, at the measured speed.
+        None until a batch has been measured (no guess before the first number)."""
+        if self._rate <= 0:
+            return None
+        now = time.monotonic()
+        ready = [w.spec.worker_id for w in self.pool.workers()]
+        soonest = min((max(0.0, self._busy_until.get(wid, now) - now) for wid in ready), default=0.0)
+        return soonest + self.queue.queued_tokens / (self._rate * max(1, len(ready)))
 
     def deadline_s(self, batch: list[Entry[Ticket]]) -> float:
         """How long a worker may take for a batch before it counts as frozen: --worker-batch-timeout for a
@@ -123,6 +150,9 @@ class Batcher:
             return
         finally:
             self._wake.set()
+            if not worker.inflight:
+                self._busy_until[worker.spec.worker_id] = time.monotonic()
+        self._observe(sum(e.num_tokens for e in batch), result.inference_ns)
         outputs = result.unpack_outputs()
         for entry, out in zip(batch, outputs, strict=True):
             fut = entry.payload.future
