@@ -6,18 +6,21 @@ loop (the server's `lateserve serve` calls it to run the gateway beside the gRPC
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from lateserve.gateway import health
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.embeddings.routes import routes as embeddings_routes
 from lateserve.gateway.keys import CHANNEL, CONFIG, METRICS, STUBS, Stubs
 from lateserve.gateway.metrics import GatewayMetrics
-from lateserve.gateway.middlewares import error_middleware, metrics_middleware
+from lateserve.gateway.middlewares import TRIMMER, MemoryTrimmer, error_middleware, metrics_middleware
 from lateserve.gateway.pooling.routes import routes as pooling_routes
 from lateserve.gateway.rerank.routes import routes as rerank_routes
 from lateserve.gateway.score.routes import routes as score_routes
@@ -56,6 +59,7 @@ def create_app(config: GatewayConfig, stubs: Stubs | None = None) -> web.Applica
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware, metrics_middleware])
     app[CONFIG] = config
     app[METRICS] = GatewayMetrics()
+    app[TRIMMER] = MemoryTrimmer()
     if stubs is None:
         app.cleanup_ctx.append(grpc_channel_ctx)
     else:
@@ -63,6 +67,75 @@ def create_app(config: GatewayConfig, stubs: Stubs | None = None) -> web.Applica
     for table in (rerank_routes, score_routes, pooling_routes, embeddings_routes, tokenize_routes, health.routes):
         app.add_routes(table)
     return app
+
+
+class _HeadTimeoutHandler(RequestHandler):
+    """aiohttp's connection handler plus a deadline on the request head.
+
+    aiohttp bounds an idle connection (keepalive_timeout) but not a head that arrives a byte at a time:
+    once the first byte of a head comes, the whole head must follow within `head_timeout_s`, or the
+    connection is closed (slowloris). A head is complete when the parser counted a new request; a
+    request is over once its response finished."""
+
+    __slots__ = ("_answered", "_head_timeout_s", "_head_timer")
+
+    def __init__(self, manager: web.Server, *, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._answered = 0
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is not None:
+            if self._request_count > self._answered:
+                self._head_timer.cancel()
+                self._head_timer = None
+        elif data and self._request_count == self._answered and self.transport is not None:
+            self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._request_count == self._answered:
+            logger.debug("closing a connection whose request head took over %g s", self._head_timeout_s)
+            self.force_close()
+
+    async def finish_response(self, request: Any, resp: Any, start_time: float | None) -> tuple[Any, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._answered += 1
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+
+class _GatewayServer(web.Server):
+    """web.Server whose connections get `_HeadTimeoutHandler`."""
+
+    head_timeout_s: float = 15.0
+
+    def __call__(self) -> RequestHandler:
+        return _HeadTimeoutHandler(self, loop=self._loop, head_timeout_s=self.head_timeout_s, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """AppRunner with the gateway's connection timeouts: head (header_timeout_s), idle keep-alive
+    (keepalive_timeout_s); the body timeout is applied where the body is read (`read_body`)."""
+
+    def __init__(self, app: web.Application, config: GatewayConfig, **kwargs: Any) -> None:
+        super().__init__(app, keepalive_timeout=config.keepalive_timeout_s, **kwargs)
+        self._head_timeout_s = config.header_timeout_s
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _GatewayServer
+        assert isinstance(server, _GatewayServer)
+        server.head_timeout_s = self._head_timeout_s
+        return server
 
 
 async def start_gateway(
@@ -74,8 +147,12 @@ async def start_gateway(
     call. Stop with `await runner.cleanup()`; with port 0, read the bound port from
     `runner.addresses`.
     """
-    runner = web.AppRunner(
-        create_app(config, stubs), handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+    runner = GatewayRunner(
+        create_app(config, stubs),
+        config,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
     )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 from collections.abc import Sequence
 
-from aiohttp import web
-
-from lateserve.gateway.app import create_app
+from lateserve.gateway.app import start_gateway
 from lateserve.gateway.config import GatewayConfig
 
 MIB = 1 << 20
@@ -26,6 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grpc-max-message-mb", type=int, default=64, help="gRPC message limit in MiB, both directions (default 64)"
     )
+    limits = parser.add_argument_group("request limits and timeouts (docs/hardening.md)")
+    limits.add_argument("--max-input-chars", type=int, default=1_000_000, help="characters (or token ids) per input")
+    limits.add_argument("--max-request-chars", type=int, default=8_000_000, help="characters per request, all inputs")
+    limits.add_argument("--max-items-per-request", type=int, default=4096, help="elements of any list in a body")
+    limits.add_argument("--max-request-id-chars", type=int, default=256, help="longest request_id / x-request-id")
+    limits.add_argument("--http-header-timeout", type=float, default=15.0, help="seconds to complete a request head")
+    limits.add_argument("--http-body-timeout", type=float, default=60.0, help="seconds to receive a request body")
+    limits.add_argument("--http-keepalive-timeout", type=float, default=75.0, help="seconds an idle connection stays")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -38,19 +46,31 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         port=args.port,
         max_body_bytes=args.max_body_mb * MIB,
         grpc_max_message_bytes=args.grpc_max_message_mb * MIB,
+        max_input_chars=args.max_input_chars,
+        max_request_chars=args.max_request_chars,
+        max_items_per_request=args.max_items_per_request,
+        max_request_id_chars=args.max_request_id_chars,
+        header_timeout_s=args.http_header_timeout,
+        body_timeout_s=args.http_body_timeout,
+        keepalive_timeout_s=args.http_keepalive_timeout,
     )
 
 
 def run_gateway(config: GatewayConfig) -> None:
     """Serves until SIGINT/SIGTERM, on a loop of its own (blocking)."""
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=10.0,
-    )
+
+    async def serve() -> None:
+        runner = await start_gateway(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(serve())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

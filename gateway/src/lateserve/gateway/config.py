@@ -15,6 +15,14 @@ class GatewayConfig:
         port: HTTP port; 0 picks a free one (read it back from the runner's addresses).
         max_body_bytes: Largest accepted request body; larger ones get 413.
         grpc_max_message_bytes: Send and receive limit of the gRPC channel (match the server's).
+        max_input_chars: Characters (or token ids) in one input string or list.
+        max_request_chars: Characters in all strings of one request body together.
+        max_items_per_request: Elements of any list in the body (documents, inputs, messages, parts);
+            token-id lists are bounded by max_input_chars instead.
+        max_request_id_chars: Longest request_id (body) or x-request-id (header); longer ones are 400.
+        header_timeout_s: Seconds a connection has to complete a request head once its first byte came.
+        body_timeout_s: Seconds a handler waits for the whole body (408, connection closed).
+        keepalive_timeout_s: Seconds an idle connection is kept open.
     """
 
     grpc_target: str
@@ -22,3 +30,10 @@ class GatewayConfig:
     port: int = 8000
     max_body_bytes: int = 32 << 20
     grpc_max_message_bytes: int = 64 << 20
+    max_input_chars: int = 1_000_000
+    max_request_chars: int = 8_000_000
+    max_items_per_request: int = 4096
+    max_request_id_chars: int = 256
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 75.0

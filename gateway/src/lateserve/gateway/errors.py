@@ -25,6 +25,7 @@ _DETAILS_KEY = "grpc-status-details-bin"
 
 BAD_REQUEST = "BadRequestError"
 INTERNAL = "InternalServerError"
+TIMEOUT = "RequestTimeoutError"
 
 # gRPC code -> (HTTP status, vLLM/OpenAI error type). Anything not listed is 500.
 _BY_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -52,6 +53,7 @@ _BY_HTTP_STATUS: dict[int, str] = {
     400: BAD_REQUEST,
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: TIMEOUT,
     413: "RequestEntityTooLargeError",
     415: "UnsupportedMediaTypeError",
     429: "RateLimitError",

@@ -4,16 +4,20 @@ request id; the inner one records Prometheus metrics and one log line per reques
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from lateserve.gateway import errors
-from lateserve.gateway.keys import METRICS, REQUEST_ID, REQUEST_ID_FROM_HEADER
+from lateserve.gateway.keys import CONFIG, METRICS, REQUEST_ID, REQUEST_ID_FROM_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +25,47 @@ logger = logging.getLogger(__name__)
 CLIENT_CLOSED = 499
 # Probes and scrapes are logged at DEBUG so they do not drown the per-request INFO lines.
 _QUIET_ROUTES = frozenset({"/health", "/ping", "/metrics"})
+
+
+class MemoryTrimmer:
+    """Gives freed heap back to the OS a moment after a large request (glibc's malloc_trim, in a thread,
+    at most once a second): without it the JSON of one 10 MB request stays in the process's malloc arenas."""
+
+    def __init__(self, threshold_bytes: int = 1 << 20, delay_s: float = 0.5, min_interval_s: float = 1.0) -> None:
+        self.threshold_bytes = threshold_bytes
+        self.delay_s = delay_s
+        self.min_interval_s = min_interval_s
+        self._last = 0.0
+        self._trim = malloc_trim()
+
+    def after(self, nbytes: int) -> None:
+        """Schedule a trim when a request or response of `nbytes` was large (the response is still held now)."""
+        if self._trim is None or nbytes < self.threshold_bytes:
+            return
+        now = time.monotonic()
+        if now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.delay_s, lambda: loop.run_in_executor(None, self._run))
+
+    def _run(self) -> None:
+        if self._trim is not None:
+            self._trim(0)
+
+
+@functools.cache
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim; None with another C library."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+TRIMMER = web.AppKey("memory_trimmer", MemoryTrimmer)
 
 
 def route_label(request: web.Request) -> str:
@@ -33,6 +78,23 @@ def route_label(request: web.Request) -> str:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Assigns the request id and maps any exception to `{"error": {...}}` with status = code."""
     header_id = request.headers.get("x-request-id")
+    limit = request.app[CONFIG].max_request_id_chars
+    if header_id and len(header_id) > limit:
+        # Never echoed (nor logged): a client could otherwise make every answer and log line arbitrarily big.
+        request[REQUEST_ID_FROM_HEADER] = False
+        request[REQUEST_ID] = uuid.uuid4().hex
+        refused = _error(
+            request,
+            errors.ApiError(
+                status=400,
+                message=f"x-request-id has {len(header_id)} characters, more than the {limit} allowed "
+                "(--max-request-id-chars)",
+                type=errors.BAD_REQUEST,
+                param="x-request-id",
+            ),
+        )
+        refused.headers["x-request-id"] = request[REQUEST_ID]
+        return refused
     request[REQUEST_ID_FROM_HEADER] = bool(header_id)
     request[REQUEST_ID] = header_id or uuid.uuid4().hex
     try:
@@ -55,7 +117,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         elif api_error.status >= 500:
             logger.exception("unhandled error in %s (request id %s)", request.path, request[REQUEST_ID])
         response = _error(request, api_error)
+        if api_error.status == 408:
+            response.force_close()  # the rest of a body that did not come in time is not waited for
     response.headers["x-request-id"] = request[REQUEST_ID]
+    request.app[TRIMMER].after(max(request.content_length or 0, response.content_length or 0))
     return response
 
 

@@ -33,7 +33,7 @@ from lateserve.server.health import ALL_SERVICES, HealthState
 from lateserve.server.rpc import DecodeErrors
 from lateserve.server.scheduler.batcher import Batcher, Ticket
 from lateserve.server.scheduler.queue import BatchQueue
-from lateserve.server.services.convert import ServedModel
+from lateserve.server.services.convert import LimitedServicer, MemoryTrimmer, RequestLimits, ServedModel
 from lateserve.server.services.embed import EmbedServicer
 from lateserve.server.services.info import InfoServicer, build_info
 from lateserve.server.services.pool import PoolServicer
@@ -176,19 +176,49 @@ class Server:
             )
         return replace(spec, kind=kind)
 
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Message limits and the connection timeouts (keepalive, idle, age) of the gRPC server."""
+        cfg = self.config
+
+        def ms(seconds: float) -> int:
+            return int(seconds * 1000) if seconds > 0 else 2**31 - 1  # 0: never (INT_MAX is grpc's "infinite")
+
+        return [
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.keepalive_time_ms", ms(cfg.grpc_keepalive_time)),
+            ("grpc.keepalive_timeout_ms", ms(cfg.grpc_keepalive_timeout)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.max_connection_idle_ms", ms(cfg.grpc_max_connection_idle)),
+            ("grpc.max_connection_age_ms", ms(cfg.grpc_max_connection_age)),
+            ("grpc.max_connection_age_grace_ms", ms(cfg.grpc_max_connection_age_grace)),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(cfg.grpc_min_ping_interval)),
+            ("grpc.http2.max_ping_strikes", 2),
+            # A connection that never completes the HTTP/2 handshake: the HTTP header timeout applies.
+            ("grpc.server_handshake_timeout_ms", ms(cfg.http_header_timeout)),
+        ]
+
     def _build_grpc(self, served: ServedModel, info: info_service_pb2.GetInfoResponse) -> grpc.aio.Server:
-        limit = self.config.max_message_bytes
-        server = grpc.aio.server(
-            interceptors=[DecodeErrors()],
-            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
-        )
+        cfg = self.config
+        server = grpc.aio.server(interceptors=[DecodeErrors()], options=self.grpc_options())
         assert self._health is not None
+        limits = RequestLimits(
+            max_input_chars=cfg.max_input_chars,
+            max_request_chars=cfg.max_request_chars,
+            max_items_per_request=cfg.max_items_per_request,
+            max_request_id_chars=cfg.max_request_id_chars,
+        )
+        trimmer = MemoryTrimmer()
+
+        def limited(servicer: Any) -> Any:
+            return LimitedServicer(servicer, limits, trimmer)
+
         s = self._servicers = {
-            "rerank": RerankServicer(served),
-            "score": ScoreServicer(served),
-            "pool": PoolServicer(served),
-            "embed": EmbedServicer(served),
-            "tokenize": TokenizeServicer(served),
+            "rerank": limited(RerankServicer(served)),
+            "score": limited(ScoreServicer(served)),
+            "pool": limited(PoolServicer(served)),
+            "embed": limited(EmbedServicer(served)),
+            "tokenize": limited(TokenizeServicer(served)),
             "info": InfoServicer(info),
             "health": self._health.servicer,
         }
@@ -217,6 +247,13 @@ class Server:
                 port=cfg.port,
                 max_body_bytes=cfg.max_body_bytes,
                 grpc_max_message_bytes=cfg.max_message_bytes,
+                max_input_chars=cfg.max_input_chars,
+                max_request_chars=cfg.max_request_chars,
+                max_items_per_request=cfg.max_items_per_request,
+                max_request_id_chars=cfg.max_request_id_chars,
+                header_timeout_s=cfg.http_header_timeout,
+                body_timeout_s=cfg.http_body_timeout,
+                keepalive_timeout_s=cfg.http_keepalive_timeout,
             ),
             stubs=direct_stubs(**self._servicers),
         )

@@ -108,6 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--mm-processor-kwargs", type=_json_arg, default={}, help="image processor settings, e.g. '{\"max_pixels\": N}'"
     )
+    limits = serve.add_argument_group("request limits and timeouts (docs/hardening.md)")
+    limits.add_argument("--max-input-chars", type=int, default=1_000_000, help="characters (or token ids) per input")
+    limits.add_argument("--max-request-chars", type=int, default=8_000_000, help="characters per request, all inputs")
+    limits.add_argument("--max-items-per-request", type=int, default=4096, help="inputs per request")
+    limits.add_argument("--max-request-id-chars", type=int, default=256, help="longest request_id / x-request-id")
+    limits.add_argument("--http-header-timeout", type=float, default=15.0, help="seconds to complete a request head")
+    limits.add_argument("--http-body-timeout", type=float, default=60.0, help="seconds to receive a request body")
+    limits.add_argument("--http-keepalive-timeout", type=float, default=75.0, help="seconds an idle connection stays")
+    limits.add_argument("--grpc-keepalive-time", type=float, default=60.0, help="seconds between server pings (0: off)")
+    limits.add_argument("--grpc-keepalive-timeout", type=float, default=20.0, help="seconds to answer a ping")
+    limits.add_argument(
+        "--grpc-max-connection-idle", type=float, default=300.0, help="seconds an idle connection stays (0: never)"
+    )
+    limits.add_argument("--grpc-max-connection-age", type=float, default=0.0, help="connection lifetime (0: never)")
+    limits.add_argument(
+        "--grpc-max-connection-age-grace", type=float, default=30.0, help="seconds calls get once the age is reached"
+    )
+    limits.add_argument(
+        "--grpc-min-ping-interval", type=float, default=10.0, help="least seconds between client pings accepted"
+    )
     serve.add_argument("--log-level", default="INFO")
     gw = sub.add_parser("gateway", help="run only the HTTP gateway in front of a gRPC server")
     gw.add_argument("--grpc-target", default="127.0.0.1:50051")
@@ -166,6 +186,19 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         prepare_threads=ns.prepare_threads,
         media=_media_policy(ns),
         mm_processor_kwargs=ns.mm_processor_kwargs,
+        max_input_chars=ns.max_input_chars,
+        max_request_chars=ns.max_request_chars,
+        max_items_per_request=ns.max_items_per_request,
+        max_request_id_chars=ns.max_request_id_chars,
+        http_header_timeout=ns.http_header_timeout,
+        http_body_timeout=ns.http_body_timeout,
+        http_keepalive_timeout=ns.http_keepalive_timeout,
+        grpc_keepalive_time=ns.grpc_keepalive_time,
+        grpc_keepalive_timeout=ns.grpc_keepalive_timeout,
+        grpc_max_connection_idle=ns.grpc_max_connection_idle,
+        grpc_max_connection_age=ns.grpc_max_connection_age,
+        grpc_max_connection_age_grace=ns.grpc_max_connection_age_grace,
+        grpc_min_ping_interval=ns.grpc_min_ping_interval,
     )
 
 

@@ -57,6 +57,32 @@ class ServerConfig:
     """Where image inputs may come from and how big they may be (--allowed-media-domains, ...)."""
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     """Image processor settings for every request (e.g. max_pixels), vLLM's --mm-processor-kwargs."""
+    max_input_chars: int = 1_000_000
+    """Characters (or token ids) in one input, measured before tokenization (400 past it)."""
+    max_request_chars: int = 8_000_000
+    """Characters (or token ids) in all inputs of one request together."""
+    max_items_per_request: int = 4096
+    """Inputs (documents, queries, chat messages) in one request."""
+    max_request_id_chars: int = 256
+    """Length of a request_id (body field or x-request-id header); longer ones are refused, never echoed."""
+    http_header_timeout: float = 15.0
+    """Seconds a connection has to complete a request head once its first byte arrived."""
+    http_body_timeout: float = 60.0
+    """Seconds a handler waits for the whole request body (408 and the connection closed past it)."""
+    http_keepalive_timeout: float = 75.0
+    """Seconds an idle HTTP connection (no request in progress) is kept open."""
+    grpc_keepalive_time: float = 60.0
+    """Seconds between the server's HTTP/2 keepalive pings on a gRPC connection (0: never)."""
+    grpc_keepalive_timeout: float = 20.0
+    """Seconds a client has to answer a keepalive ping before the connection is closed."""
+    grpc_max_connection_idle: float = 300.0
+    """Seconds a gRPC connection without calls is kept open (0: forever)."""
+    grpc_max_connection_age: float = 0.0
+    """Seconds after which a gRPC connection is asked to go away (0: never), e.g. to rebalance."""
+    grpc_max_connection_age_grace: float = 30.0
+    """Seconds calls in flight get to finish once a connection reached its maximum age."""
+    grpc_min_ping_interval: float = 10.0
+    """Least seconds between client pings the server tolerates (more often: GOAWAY too_many_pings)."""
 
 
 def default_model_path() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -12,8 +13,9 @@ import pydantic
 from aiohttp import web
 
 from lateserve.gateway import errors
+from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.jsonutil import dumps
-from lateserve.gateway.keys import METRICS, REQUEST_ID, REQUEST_ID_FROM_HEADER
+from lateserve.gateway.keys import CONFIG, METRICS, REQUEST_ID, REQUEST_ID_FROM_HEADER
 from lateserve.gateway.middlewares import route_label
 from lateserve.v1 import common_pb2
 
@@ -27,24 +29,139 @@ UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is all
 async def read_body(request: web.Request, schema: type[M]) -> M:
     """The request body validated against `schema`.
 
-    Raises GatewayError (400) for a non-JSON content type; aiohttp raises 413 past
-    client_max_size; a pydantic error becomes 400 naming the first bad field.
+    Raises GatewayError: 400 for a non-JSON content type, JSON that does not parse (nested too deeply
+    included) or a body over a request limit; 408 when the body does not arrive within the body timeout.
+    aiohttp raises 413 past client_max_size; a pydantic error becomes 400 naming the first bad field.
+    The body is parsed once, and measured (`check_limits`) before pydantic builds anything from it.
     """
     if request.content_type.lower() != "application/json":
         raise errors.GatewayError(UNSUPPORTED_MEDIA_TYPE)
-    raw = await request.read()
+    config = request.app[CONFIG]
     try:
-        body = schema.model_validate_json(raw)
+        async with asyncio.timeout(config.body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise errors.GatewayError(
+            f"the request body did not arrive within {config.body_timeout_s:g} s", status=408, type=errors.TIMEOUT
+        ) from None
+    data = parse_json(raw)
+    check_limits(data, config)
+    try:
+        body = schema.model_validate(data)
     except pydantic.ValidationError as exc:
-        try:
-            data: object = json.loads(raw)
-        except ValueError:
-            data = None
         raise errors.GatewayError.from_api_error(errors.from_validation_error(exc, data)) from exc
     extra = body.model_extra
     if extra:
         logger.debug("ignored request fields: %s", sorted(extra))
     return body
+
+
+def parse_json(raw: bytes) -> object:
+    """The body as JSON, or a 400: malformed JSON, invalid UTF-8, nesting past the parser's depth.
+
+    >>> parse_json(b'{"a": [1]}')
+    {'a': [1]}
+    >>> parse_json(b"[" * 100_000 + b"]" * 100_000)
+    Traceback (most recent call last):
+    ...
+    lateserve.gateway.errors.GatewayError: Invalid JSON: nested too deeply
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise errors.GatewayError("Invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise errors.GatewayError(f"Invalid JSON: {exc}") from None
+
+
+# Keys whose strings are not input text: image URLs (bounded by the server's --max-image-bytes) and the
+# request id (its own limit).
+_NOT_TEXT = frozenset({"url", "image_url", "request_id"})
+# JSON values walked per item allowed (a multimodal document is a dozen values).
+_VALUES_PER_ITEM = 32
+
+
+def check_limits(data: object, config: GatewayConfig) -> None:
+    """Refuse a parsed body over a request limit before anything is built from it: request_id length,
+    elements per list, characters per string and per request, JSON values in all.
+
+    The walk stops at the first list longer than the item limit, so its cost is bounded by the limits,
+    not by the body (a list of a million tiny documents is refused after one len()). Lists of integers
+    are token ids: one input each, bounded by the character limit and not walked.
+
+    >>> cfg = GatewayConfig(grpc_target="x", max_items_per_request=2, max_input_chars=4)
+    >>> check_limits({"query": "q", "documents": ["a", "b"]}, cfg)
+    >>> def refusal(data):
+    ...     try:
+    ...         check_limits(data, cfg)
+    ...     except errors.GatewayError as exc:
+    ...         return exc.api_error.status, exc.api_error.param
+    >>> refusal({"query": "q", "documents": ["a", "b", "c"]})
+    (400, 'documents')
+    >>> refusal({"input": ["abcde"]}), refusal({"input": [[1, 2, 3, 4, 5]]}), refusal({"input": [1, 2, 3, 4]})
+    ((400, 'input[0]'), (400, 'input[0]'), None)
+    """
+    if not isinstance(data, dict):
+        return  # the schema refuses it
+    rid = data.get("request_id")
+    if isinstance(rid, str) and len(rid) > config.max_request_id_chars:
+        raise _too_large(
+            f"request_id has {len(rid)} characters, more than the {config.max_request_id_chars} allowed "
+            "(--max-request-id-chars)",
+            "request_id",
+        )
+    budget = config.max_items_per_request * _VALUES_PER_ITEM + 1024
+    total = 0
+    stack: list[tuple[object, str]] = [(data, "")]
+    while stack:
+        node, path = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise _too_large(
+                f"the request has more JSON values than {config.max_items_per_request} items can carry "
+                "(--max-items-per-request)",
+                None,
+            )
+        if isinstance(node, str):
+            size = len(node)
+        elif isinstance(node, dict):
+            size = 0
+            stack.extend(
+                (v, f"{path}.{k}" if path else str(k))
+                for k, v in node.items()
+                if isinstance(v, str | list | dict) and k not in _NOT_TEXT
+            )
+        elif isinstance(node, list):
+            size = 0
+            if node and type(node[0]) is int:
+                size = len(node)  # token ids: one input
+            elif len(node) > config.max_items_per_request:
+                raise _too_large(
+                    f"{len(node)} items in {path or 'the body'}, more than the {config.max_items_per_request} "
+                    "allowed per request (--max-items-per-request)",
+                    path or None,
+                )
+            else:
+                stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node) if isinstance(v, str | list | dict))
+        else:
+            continue
+        if size > config.max_input_chars:
+            raise _too_large(
+                f"{path} has {size} characters, more than the {config.max_input_chars} allowed per input "
+                "(--max-input-chars)",
+                path,
+            )
+        total += size
+        if total > config.max_request_chars:
+            raise _too_large(
+                f"the inputs have more than {config.max_request_chars} characters together, the most one request "
+                "may carry (--max-request-chars)",
+                path.split("[")[0].split(".")[0] or None,
+            )
+
+
+def _too_large(message: str, param: str | None) -> errors.GatewayError:
+    return errors.GatewayError(message, param=param)
 
 
 def request_id(request: web.Request, body_request_id: str | None = None) -> str:

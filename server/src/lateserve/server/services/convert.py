@@ -3,12 +3,23 @@ messages besides the servicers themselves)."""
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
+import functools
+import inspect
+import logging
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
+import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
+from lateserve.server import metrics
 from lateserve.server.domain import (
     ChatItem,
     ChatMessage,
@@ -28,9 +39,13 @@ from lateserve.server.domain import (
     TruncationSide,
 )
 from lateserve.server.engine.engine import Engine
+from lateserve.server.rpc import to_rpc_status
 from lateserve.v1 import common_pb2 as pb
 from lateserve.v1 import embed_service_pb2 as embed_pb
 from lateserve.v1 import pool_service_pb2 as pool_pb
+from lateserve.wire import reasons
+
+log = logging.getLogger(__name__)
 
 TASKS = {
     pb.POOLING_TASK_TOKEN_EMBED: Task.TOKEN_EMBED,
@@ -64,6 +79,225 @@ class ServedModel:
 
 def request_id(given: str) -> str:
     return given or uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Cheap bounds checked on the request message before anything is built from it: no domain item,
+    no tokenization, no image fetch happens for a request over one of them (a 400 names the limit)."""
+
+    max_input_chars: int = 1_000_000
+    max_request_chars: int = 8_000_000
+    max_items_per_request: int = 4096
+    max_request_id_chars: int = 256
+
+    def check(self, request: Message) -> None:
+        """Raise InvalidArgument (REQUEST_TOO_LARGE) when `request` is over a limit.
+
+        Costs O(1) for counts; characters are only walked when the encoded message is larger than a
+        limit (a message's byte size bounds its characters), over at most max_items_per_request inputs.
+
+        >>> from lateserve.v1 import rerank_service_pb2 as rr
+        >>> limits = RequestLimits(max_input_chars=5, max_items_per_request=2)
+        >>> limits.check(rr.RerankRequest(query=pb.Input(text="hi"), documents=[pb.Input(text="ok")]))
+        >>> def refusal(request):
+        ...     try:
+        ...         limits.check(request)
+        ...     except InvalidArgument as exc:
+        ...         return exc.field, exc.reason, exc.metadata
+        >>> refusal(rr.RerankRequest(documents=[pb.Input(text="a")] * 3))
+        ('documents', 'REQUEST_TOO_LARGE', {'limit': '2', 'requested': '3'})
+        >>> refusal(rr.RerankRequest(documents=[pb.Input(text="a"), pb.Input(text="abcdef")]))
+        ('documents[1]', 'REQUEST_TOO_LARGE', {'limit': '5', 'requested': '6'})
+        """
+        descriptor = request.DESCRIPTOR
+        if "request_id" in descriptor.fields_by_name:
+            rid = getattr(request, "request_id", "")
+            if len(rid) > self.max_request_id_chars:
+                raise _too_large(
+                    f"request_id has {len(rid)} characters, more than the {self.max_request_id_chars} allowed "
+                    "(--max-request-id-chars)",
+                    "request_id",
+                    self.max_request_id_chars,
+                    len(rid),
+                )
+        inputs: list[tuple[str, Message | str | Iterable[int]]] = []
+        for fd in descriptor.fields:
+            value = getattr(request, fd.name)
+            name = _JSON_NAMES.get(fd.name, fd.name)
+            if fd.type == fd.TYPE_MESSAGE and fd.message_type is not None and fd.message_type.name in _INPUT_MESSAGES:
+                if _is_repeated(fd):
+                    if len(value) > self.max_items_per_request:
+                        raise _too_large(
+                            f"{len(value)} inputs in {name}, more than the {self.max_items_per_request} allowed per "
+                            "request (--max-items-per-request)",
+                            name,
+                            self.max_items_per_request,
+                            len(value),
+                        )
+                    inputs.extend((f"{name}[{i}]", v) for i, v in enumerate(value))
+                elif request.HasField(fd.name):
+                    inputs.append((name, value))
+            elif fd.name in _TEXT_FIELDS:
+                inputs.append((name, value))
+        if request.ByteSize() <= min(self.max_input_chars, self.max_request_chars):
+            return  # UTF-8 bytes >= characters: nothing here can be over a character limit
+        total = 0
+        for where, value in inputs:
+            n = _chars(value)
+            if n > self.max_input_chars:
+                raise _too_large(
+                    f"{where} has {n} characters, more than the {self.max_input_chars} allowed per input "
+                    "(--max-input-chars)",
+                    where,
+                    self.max_input_chars,
+                    n,
+                )
+            total += n
+            if total > self.max_request_chars:
+                raise _too_large(
+                    f"the inputs have more than {self.max_request_chars} characters together, the most one request "
+                    "may carry (--max-request-chars)",
+                    where.split("[")[0],
+                    self.max_request_chars,
+                    total,
+                )
+
+
+# Messages that are one input each; strings and id lists that are one input each (TokenizeRequest.prompt,
+# DetokenizeRequest.tokens). Image URLs are not characters: --max-image-bytes bounds them.
+_INPUT_MESSAGES = frozenset({"Input", "ChatMessage"})
+_TEXT_FIELDS = frozenset({"prompt", "tokens"})
+_JSON_NAMES = {"inputs": "input"}
+
+
+def _is_repeated(fd: Any) -> bool:
+    is_repeated = getattr(fd, "is_repeated", None)
+    return bool(is_repeated) if is_repeated is not None else fd.label == fd.LABEL_REPEATED
+
+
+def _chars(value: Message | str | Iterable[int]) -> int:
+    """Characters of text (and count of token ids) in an input, image URLs left out."""
+    if isinstance(value, str):
+        return len(value)
+    if not isinstance(value, Message):
+        return len(list(value))
+    total = 0
+    for fd, field_value in value.ListFields():
+        if fd.name == "url":
+            continue
+        if fd.type == fd.TYPE_STRING:
+            total += sum(map(len, field_value)) if _is_repeated(fd) else len(field_value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            items = field_value if _is_repeated(fd) else [field_value]
+            total += sum(_chars(item) for item in items)
+        elif _is_repeated(fd) and fd.name == "ids":
+            total += len(field_value)
+    return total
+
+
+def _too_large(message: str, field: str, limit: int, requested: int) -> InvalidArgument:
+    return InvalidArgument(
+        message,
+        reason=reasons.REQUEST_TOO_LARGE,
+        field=field,
+        metadata={"limit": str(limit), "requested": str(requested)},
+    )
+
+
+class MemoryTrimmer:
+    """Gives freed heap back to the OS after large requests (glibc's malloc_trim), at most once a second.
+
+    glibc keeps freed memory in its arenas (one per thread that allocated: the preparation threads, the
+    tokenizer's), so a single 10 MB request would leave the process hundreds of MB larger for good."""
+
+    def __init__(self, threshold_bytes: int = 1 << 20, min_interval_s: float = 1.0) -> None:
+        self.threshold_bytes = threshold_bytes
+        self.min_interval_s = min_interval_s
+        self._last = 0.0
+        self._pending = False
+        self._trim = _malloc_trim()
+
+    def after(self, nbytes: int) -> None:
+        """Call when a request of `nbytes` finished; trims in a thread when it was large."""
+        if self._trim is None or nbytes < self.threshold_bytes or self._pending:
+            return
+        now = time.monotonic()
+        if now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        self._pending = True
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, self._run).add_done_callback(lambda _: setattr(self, "_pending", False))
+
+    def _run(self) -> None:
+        if self._trim is not None:
+            self._trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """libc's malloc_trim where the C library is glibc; None elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+class LimitedServicer:
+    """A servicer whose RPC methods check `RequestLimits` on the request first (over gRPC and for the
+    in-process gateway alike, since both call these objects), and trim the heap after large requests."""
+
+    def __init__(self, servicer: Any, limits: RequestLimits, trimmer: MemoryTrimmer | None = None) -> None:
+        self._servicer = servicer
+        self._limits = limits
+        self._trimmer = trimmer or MemoryTrimmer()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._servicer, name)
+        if not name[:1].isupper() or not callable(method):
+            return method
+        wrapped = self._stream(name, method) if _is_async_gen(method) else self._unary(name, method)
+        setattr(self, name, wrapped)
+        return wrapped
+
+    async def _reject(self, name: str, request: Any, context: Any) -> bool:
+        try:
+            self._limits.check(request)
+        except InvalidArgument as exc:
+            metrics.REQUESTS.labels(name, exc.code_name).inc()
+            metrics.FAILURES.labels(exc.reason).inc()
+            await context.abort_with_status(to_rpc_status(exc))
+            return True
+        return False
+
+    def _unary(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await self._reject(name, request, context)
+            try:
+                return await method(request, context)
+            finally:
+                self._trimmer.after(request.ByteSize())
+
+        return call
+
+    def _stream(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if await self._reject(name, request, context):
+                return
+            try:
+                async for message in method(request, context):
+                    yield message
+            finally:
+                self._trimmer.after(request.ByteSize())
+
+        return call
+
+
+def _is_async_gen(method: Any) -> bool:
+    return inspect.isasyncgenfunction(method) or inspect.isasyncgenfunction(getattr(method, "__func__", None))
 
 
 def _part(part: pb.ContentPart, where: str) -> Part:
