@@ -41,6 +41,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "ColQwen3": ("lateserve.server.families.colqwen3", "ColQwen3Family"),
     "OpsColQwen3Model": ("lateserve.server.families.colqwen3", "ColQwen3Family"),
     "Qwen3VLNemotronEmbedModel": ("lateserve.server.families.colqwen3", "ColQwen3Family"),
+    # Qwen3.5 hybrid backbone (gated delta-net + full attention), ColQwen3's processor and head rules.
+    "ColQwen3_5": ("lateserve.server.families.colqwen3_5", "ColQwen3_5Family"),
 }
 
 

@@ -34,7 +34,7 @@ from lateserve.server.domain import (
 from lateserve.server.families import loading
 from lateserve.server.families.base import ModelRunner, ModelSource
 from lateserve.server.families.batching import pad_batch
-from lateserve.server.families.qwen_vl.weights import split_checkpoint
+from lateserve.server.families.qwen_vl.weights import QWEN3_VL_LAYOUT, Layout, split_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -72,15 +72,29 @@ def backbone_config(raw: Mapping[str, Any]) -> Qwen3VLConfig:
 
 
 class QwenVLRunner(ModelRunner):
-    """One replica: Qwen3VLModel in `dtype`, the head in float32."""
+    """One replica: Qwen3VLModel in `dtype`, the head in float32.
+
+    A Qwen-VL backbone of another generation (ColQwen3.5's Qwen3_5Model, `runner_3_5`) subclasses this and
+    overrides `layout`, `backbone_config` and `build_backbone`; batching, loading and the head are shared."""
+
+    layout: Layout = QWEN3_VL_LAYOUT
+
+    @staticmethod
+    def backbone_config(raw: Mapping[str, Any]) -> Any:
+        return backbone_config(raw)
+
+    @staticmethod
+    def build_backbone(config: Any) -> torch.nn.Module:
+        from transformers import Qwen3VLModel
+
+        return Qwen3VLModel(config)
 
     def __init__(self, source: ModelSource, *, architecture: str, head: Head, device: str, dtype: str) -> None:
         import torch
-        from transformers import Qwen3VLModel
 
         if dtype not in ("float32", "float16", "bfloat16"):
             raise ModelLoadError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
-        config = backbone_config(source.config)
+        config = self.backbone_config(source.config)
         config._attn_implementation = "sdpa"
         text: Any = config.text_config
         vision: Any = config.vision_config
@@ -92,13 +106,15 @@ class QwenVLRunner(ModelRunner):
         if head.bidirectional:
             text.is_causal = False
         with loading.skip_weight_init():
-            backbone = Qwen3VLModel(config)
+            backbone: Any = self.build_backbone(config)
         if head.bidirectional:
             for layer in backbone.language_model.layers:
-                layer.self_attn.is_causal = False
+                attention = getattr(layer, "self_attn", None)  # hybrid models: only the full-attention layers
+                if attention is not None:
+                    attention.is_causal = False
 
         what = f"{architecture} checkpoint {source.path}"
-        split = split_checkpoint(loading.load_safetensors(source.path))
+        split = split_checkpoint(loading.load_safetensors(source.path), self.layout)
         state: dict[str, torch.Tensor] = {f"backbone.{k}": v for k, v in split.backbone.items()}
         names = {f"backbone.{k}": v for k, v in split.origin.items() if not k.startswith("proj.")}
         modules: dict[str, torch.nn.Module] = {"backbone": backbone}

@@ -17,6 +17,12 @@ The prefixes are vLLM's `hf_to_vllm_mapper` for ColQwen3 (vllm-spec 1.4), in its
 | `…custom_text_proj.{weight,bias}` (ColPali, Ops), `…embedding_proj_layer.*` (Tomoro) | any | the projection |
 
 Anything else is kept under its own name, so the strict load reports it as unexpected.
+
+ColQwen3.5 (`ColQwen3_5`, colpali's `ColQwen3_5(Qwen3_5Model)`) has its own, narrower table: vLLM's
+`ColQwen3_5Model.hf_to_vllm_mapper` maps only `language_model.` (to its `language_model.model.`) and skips
+`mtp.` (vllm-spec 1.5), so `QWEN3_5_LAYOUT` keeps `visual.X` and `language_model.X` as `Qwen3_5Model`
+names, ignores the multi-token-prediction head `mtp.*` (and an `lm_head.*`, never used), and leaves
+every other prefix (`model.`, `vlm.`) unexpected.
 """
 
 from __future__ import annotations
@@ -43,6 +49,27 @@ PREFIXES: tuple[tuple[str, str], ...] = (
 IGNORED_PREFIXES = ("vlm.lm_head.", "lm_head.", "language_model.lm_head.")
 """The language-modelling head of the generative checkpoint the model was trained from; never used."""
 
+QWEN3_5_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("visual.", "visual."),
+    ("language_model.", "language_model."),
+)
+"""ColQwen3.5: (checkpoint prefix, Qwen3_5Model prefix)."""
+
+QWEN3_5_IGNORED = ("mtp.", "lm_head.", "language_model.lm_head.")
+"""ColQwen3.5: the multi-token-prediction head (vLLM skips `mtp.`) and a generation head; never used."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one family's checkpoint names map onto its transformers backbone."""
+
+    prefixes: tuple[tuple[str, str], ...]
+    ignored: tuple[str, ...]
+
+
+QWEN3_VL_LAYOUT = Layout(PREFIXES, IGNORED_PREFIXES)
+QWEN3_5_LAYOUT = Layout(QWEN3_5_PREFIXES, QWEN3_5_IGNORED)
+
 _PROJECTION = re.compile(r"(?:^|.*\.)(custom_text_proj|embedding_proj_layer)\.(weight|bias)")
 
 
@@ -59,11 +86,11 @@ class SplitCheckpoint(Generic[T]):
     ignored: list[str] = field(default_factory=list)
 
 
-def split_checkpoint(state: Mapping[str, T]) -> SplitCheckpoint[T]:
-    """Sort `state` by the table in the module docstring."""
+def split_checkpoint(state: Mapping[str, T], layout: Layout = QWEN3_VL_LAYOUT) -> SplitCheckpoint[T]:
+    """Sort `state` by the layout's table (module docstring); Qwen3-VL's unless told."""
     split: SplitCheckpoint[T] = SplitCheckpoint()
     for name, value in state.items():
-        if name.startswith(IGNORED_PREFIXES):
+        if name.startswith(layout.ignored):
             split.ignored.append(name)
             continue
         found = _PROJECTION.fullmatch(name)
@@ -77,7 +104,7 @@ def split_checkpoint(state: Mapping[str, T]) -> SplitCheckpoint[T]:
                 split.origin[f"proj.{part}"] = name
             continue
         short = name
-        for old, new in PREFIXES:
+        for old, new in layout.prefixes:
             if name.startswith(old):
                 short = new + name[len(old) :]
                 break
