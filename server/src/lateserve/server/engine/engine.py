@@ -220,22 +220,22 @@ class Engine:
         --limit-mm-per-prompt images per input."""
         for index, item in enumerate(items):
             if isinstance(item, ChatItem):
-                where = [
+                images = [
                     f"messages[{m}].content[{k}]"
                     for m, message in enumerate(item.messages)
                     for k, part in enumerate(message.parts)
                     if isinstance(part, ImagePart)
                 ]
             elif isinstance(item, MultiModalItem):
-                where = [f"{field}[{index}].content[{k}]" for k, p in enumerate(item.parts) if isinstance(p, ImagePart)]
+                parts = enumerate(item.parts)
+                images = [f"{field}[{index}].content[{k}]" for k, part in parts if isinstance(part, ImagePart)]
             else:
                 continue
-            images = where
             if images and Modality.IMAGE not in self.spec.modalities:
                 raise InvalidArgument(
                     f"{self.spec.architecture} takes text only; image input is not supported by this model",
                     reason=reasons.UNSUPPORTED_INPUT,
-                    field=where[0],
+                    field=images[0],
                 )
             if len(images) > self.max_images_per_prompt:
                 raise InvalidArgument(
