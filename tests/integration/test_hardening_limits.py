@@ -22,8 +22,14 @@ from grpc_status import rpc_status
 
 from lateserve.server.config import ServerConfig
 from lateserve.v1 import common_pb2 as c
-from lateserve.v1 import pool_service_pb2, pool_service_pb2_grpc, rerank_service_pb2, rerank_service_pb2_grpc
-from lateserve.v1 import tokenize_service_pb2, tokenize_service_pb2_grpc
+from lateserve.v1 import (
+    pool_service_pb2,
+    pool_service_pb2_grpc,
+    rerank_service_pb2,
+    rerank_service_pb2_grpc,
+    tokenize_service_pb2,
+    tokenize_service_pb2_grpc,
+)
 from lateserve.wire.status import unpack_details
 from tests.live import LiveServer
 
