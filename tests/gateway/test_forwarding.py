@@ -126,13 +126,21 @@ def test_score_and_rerank_forward_use_activation(translate: Any) -> None:
     assert message.HasField("use_activation") and message.use_activation is False
 
 
+@pytest.mark.parametrize(
+    ("translate", "base"), [(pool, {"input": "x"}), (embed, {"input": "x"}), (score, {}), (rerank, {})]
+)
+def test_mm_processor_kwargs_are_forwarded_in_the_encode_options(translate: Any, base: dict[str, Any]) -> None:
+    message = translate({**base, "mm_processor_kwargs": {"max_pixels": 1310720, "min_pixels": 4096}})
+    assert json_format.MessageToDict(message.options.mm_processor_kwargs) == {"max_pixels": 1310720, "min_pixels": 4096}
+
+
 # ---------------------------------------------------------------- refused, naming the field
 
 
 REFUSED: list[tuple[Any, str, Any]] = [
     *[(t, "priority", 1) for t in (pool, embed, score, rerank)],
     *[(t, "chat_template", "{{ messages }}") for t in (pool, embed, tokenize)],
-    *[(t, "mm_processor_kwargs", {"max_pixels": 1}) for t in (pool, embed, tokenize, score, rerank)],
+    (tokenize, "mm_processor_kwargs", {"max_pixels": 1}),  # the encoding routes forward it (below)
     *[(t, "cache_salt", "tenant-1") for t in (pool, embed, score, rerank)],
     (pool, "media_io_kwargs", {"image": {"mode": "L"}}),
     (embed, "media_io_kwargs", {"image": {"mode": "L"}}),

@@ -70,7 +70,9 @@ class PoolingBasicFields(OpenAIBaseModel):
     truncation_side: Literal["left", "right"] | None = None
     request_id: str | None = None
     priority: int = Field(default=0, description="Refused unless 0: lateserve has no priority scheduling.")
-    mm_processor_kwargs: dict[str, Any] | None = Field(default=None, description="Refused when set (not yet honoured).")
+    mm_processor_kwargs: dict[str, Any] | None = Field(
+        default=None, description='Image processor settings for this request, e.g. {"max_pixels": 1310720}.'
+    )
     cache_salt: str | None = Field(default=None, description="Refused when set: lateserve has no prefix cache.")
     embedding_mode: Literal["query", "document", "raw"] | None = Field(
         default=None,

@@ -42,7 +42,6 @@ UNHONOURED: dict[str, tuple[object, str]] = {
         "Chat template is passed with request, but --trust-request-chat-template is not set. "
         "Refused request with untrusted chat template.",
     ),
-    "mm_processor_kwargs": (None, "mm_processor_kwargs is not supported yet"),
     "media_io_kwargs": (None, "media_io_kwargs is not supported"),
     "cache_salt": (None, "cache_salt is not supported: lateserve has no prefix cache to salt"),
     "tools": (None, "tools is not supported: the chat template is rendered without tools"),
@@ -126,12 +125,15 @@ def chat_messages_to_proto(messages: Sequence[ChatMessage]) -> list[common_pb2.C
 
 def encode_options(body: PoolingBasicFields, *, add_special_tokens: bool | None = None) -> common_pb2.EncodeOptions:
     """The tokenization options every encoding RPC shares; unset JSON fields stay unset."""
-    return common_pb2.EncodeOptions(
+    options = common_pb2.EncodeOptions(
         truncate_prompt_tokens=body.truncate_prompt_tokens,
         truncation_side=enums.value_of(enums.TRUNCATION_SIDES, body.truncation_side, "truncation_side"),
         add_special_tokens=add_special_tokens,
         embedding_mode=enums.value_of(enums.EMBEDDING_MODES, body.embedding_mode, "embedding_mode"),
     )
+    if body.mm_processor_kwargs:
+        options.mm_processor_kwargs.update(body.mm_processor_kwargs)
+    return options
 
 
 def chat_options_to_proto(body: ChatTemplateFields) -> common_pb2.ChatOptions | None:

@@ -19,7 +19,9 @@ class TokenizeRequest(ChatTemplateFields):
         default=None, description="Unset: true for `prompt`, false for `messages` (as vLLM)."
     )
     return_token_strs: bool | None = False
-    mm_processor_kwargs: dict[str, Any] | None = Field(default=None, description="Refused when set (not yet honoured).")
+    mm_processor_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Answers 400 when set: /tokenize has no image processing."
+    )
     tools: list[dict[str, Any]] | None = Field(default=None, description="Refused when set (not honoured).")
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lateserve.gateway.common import translate as common
+from lateserve.gateway.errors import GatewayError
 from lateserve.gateway.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from lateserve.v1 import tokenize_service_pb2
 
@@ -13,6 +14,8 @@ def tokenize_request_to_proto(body: TokenizeRequest) -> tokenize_service_pb2.Tok
     """The JSON request as a TokenizeRequest; messages are sent only in the chat form (`prompt` wins,
     as vLLM's request union). Chat options go as sent: the server refuses them without messages."""
     common.refuse_unhonoured(body)
+    if body.mm_processor_kwargs:  # TokenizeRequest has no place for it: refused, not dropped
+        raise GatewayError("mm_processor_kwargs is not supported on /tokenize", param="mm_processor_kwargs")
     chat = body.prompt is None
     return tokenize_service_pb2.TokenizeRequest(
         model=body.model or "",
