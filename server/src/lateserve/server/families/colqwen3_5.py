@@ -3,9 +3,10 @@ and image inputs, one L2-normalised vector per token (image pads included), MaxS
 
 It is ColQwen3 with another backbone (vllm-spec 1.5), so everything but the worker is ColQwen3's:
 
-* processor: `QwenVLProcessor` unchanged: raw mode with vLLM's prompts (`qwen_vl.prompts`), Qwen2-VL image
-  preparation in the server process, image tokens counted in the batch budget (`MediaPayload.cost`);
-  colpali's `ColQwen3_5Processor` is its ColQwen3 processor, and vLLM forces `Qwen3VLProcessor` for both;
+* processor: `QwenVLProcessor` unchanged: raw mode (the default) with vLLM's prompts (`qwen_vl.prompts`),
+  Qwen2-VL image preparation in the server process, image tokens counted in the batch budget
+  (`MediaPayload.cost`); colpali's `ColQwen3_5Processor` is its ColQwen3 processor, and vLLM forces
+  `Qwen3VLProcessor` for both (any faithful mode is that processor's, chosen by the architecture name);
 * projection dim: config `embed_dim`/`dims`/`dim`/`projection_dim`/`colbert_dim` (first truthy, vLLM's order;
   colpali's checkpoints say `dim`), else the projection weight's rows;
 * head: `custom_text_proj` (or `embedding_proj_layer`) **with its bias** (vLLM fixed the bias drop for
