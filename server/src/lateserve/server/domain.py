@@ -228,6 +228,9 @@ class MediaPayload:
     length: int
     digest: bytes
     cost: int
+    token_grid: tuple[int, int] | None = None
+    """(rows, columns) of the placeholder tokens on the image, row-major, when they form a grid (ColQwen's
+    merged patches): what similarity maps are drawn on. None when the tokens have no 2-D layout."""
 
     def array(self, name: str) -> Tensor:
         for key, tensor in self.arrays:

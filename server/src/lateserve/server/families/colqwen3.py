@@ -11,9 +11,15 @@ Three layouts, one model (vllm-spec 1.4; weights mapped in `qwen_vl.weights`):
   normalised last hidden states are the vectors), and bidirectional text attention as NVIDIA's code runs
   it. vLLM serves this architecture causally; lateserve follows the model's own code.
 
-Raw mode only, with vLLM's prompts (`qwen_vl.prompts`): a text is tokenized as is; an image item is one
-`<|vision_start|><|image_pad|>…<|vision_end|>` per image, all first, then its text parts joined by "\\n";
-a chat is rendered with the model's template and each image pad expanded to the image's token count.
+Raw mode (the default) uses vLLM's prompts (`qwen_vl.prompts`): a text is tokenized as is; an image item
+is one `<|vision_start|><|image_pad|>…<|vision_end|>` per image, all first, then its text parts joined by
+"\\n"; a chat is rendered with the model's template and each image pad expanded to the image's token count.
+
+Faithful modes (embedding_mode "query" / "document", and /score and /rerank under
+--scoring-embedding-mode faithful) build the reference processors' prompts instead (`qwen_vl.faithful`):
+queries with the query prefix and ten `<|endoftext|>` augmentation tokens, image documents inside
+"<|im_start|>user\\n…Describe the image.<|im_end|>…", the variant chosen by the architecture; Nemotron's
+prompts are not public, so it refuses them (400 on embedding_mode).
 
 Projection bias: the Tomoro and Ops heads are `nn.Linear(hidden, dim)` with a bias in the reference code,
 and lateserve loads that bias when the checkpoint has it. vLLM's ColQwen3 builds the layer with
@@ -39,6 +45,7 @@ import numpy as np
 
 from lateserve.server import media
 from lateserve.server.domain import (
+    ChatItem,
     EmbeddingMode,
     EncodeOptions,
     ImagePart,
@@ -59,6 +66,8 @@ from lateserve.server.domain import (
 from lateserve.server.families import loading
 from lateserve.server.families.base import Family
 from lateserve.server.families.colbert import BertProcessor
+from lateserve.server.families.qwen_vl import faithful
+from lateserve.server.families.qwen_vl.faithful import FaithfulPrompts
 from lateserve.server.families.qwen_vl.image_processor import PreparedImage, QwenVisionSettings, preprocess
 from lateserve.server.families.qwen_vl.prompts import IMAGE_PAD, expand_image_pads, raw_prompt
 from lateserve.server.families.qwen_vl.weights import split_checkpoint
@@ -166,7 +175,11 @@ class ColQwen3Family(Family):
 
 class QwenVLProcessor(BertProcessor):
     """Raw-mode tokenization plus image preparation. Text, token and tokenizer routes are BertProcessor's
-    (Qwen's tokenizer adds no special tokens); image items and rendered chats are built here."""
+    (Qwen's tokenizer adds no special tokens); image items and rendered chats are built here.
+
+    Faithful modes use `faithful_prompts`, by default the architecture's entry in
+    `qwen_vl.faithful.FAITHFUL_PROMPTS` (so ColQwen3.5, passing architecture "ColQwen3_5", gets
+    colpali-engine's ColQwen3_5 prompts); None refuses them."""
 
     def __init__(
         self,
@@ -181,6 +194,7 @@ class QwenVLProcessor(BertProcessor):
         settings: QwenVisionSettings,
         media_policy: media.MediaPolicy,
         chat_template: str | None = None,
+        faithful_prompts: FaithfulPrompts | str | None = "architecture",
     ) -> None:
         super().__init__(
             tokenizer,
@@ -196,8 +210,13 @@ class QwenVLProcessor(BertProcessor):
         self._settings = settings
         self._settings_cache: dict[str, QwenVisionSettings] = {}
         self._media = media_policy
+        self._faithful = (
+            faithful.faithful_prompts(architecture) if isinstance(faithful_prompts, str) else faithful_prompts
+        )
 
     def encode(self, item: Item, options: EncodeOptions, role: Role) -> Sequence:
+        if options.embedding_mode in (EmbeddingMode.QUERY, EmbeddingMode.DOCUMENT):
+            return self._encode_faithful(item, options)
         self._check_mode(options)
         if isinstance(item, MultiModalItem):
             text, images = raw_prompt(item.parts)
@@ -212,7 +231,8 @@ class QwenVLProcessor(BertProcessor):
         return seq
 
     def encode_many(self, items: Seq[Item], options: EncodeOptions, role: Role) -> list[Sequence]:
-        if not all(isinstance(i, TextItem | TokenItem) for i in items):
+        faithful_mode = options.embedding_mode in (EmbeddingMode.QUERY, EmbeddingMode.DOCUMENT)
+        if faithful_mode or not all(isinstance(i, TextItem | TokenItem) for i in items):
             return [self.encode(item, options, role) for item in items]
         self._check_mode(options)
         sequences = super().encode_many(items, options, role)
@@ -227,6 +247,30 @@ class QwenVLProcessor(BertProcessor):
                 "it serves 'raw' (vLLM's prompts) only",
                 field="embedding_mode",
             )
+
+    def render(self, chat: ChatItem) -> RenderedChat:
+        """The chat template's prompt, keeping the messages for faithful modes (`faithful.PartsChat`)."""
+        rendered = super().render(chat)
+        return faithful.PartsChat(rendered.text, rendered.images, chat=chat)
+
+    def _encode_faithful(self, item: Item, options: EncodeOptions) -> Sequence:
+        """The reference processor's prompt (`qwen_vl.faithful`), images prepared as in raw mode.
+
+        The tokenizer's own special tokens are added as the references add them (Qwen's adds none);
+        truncate_prompt_tokens cuts text as in raw mode and refuses to cut an image."""
+        mode = options.embedding_mode
+        if self._faithful is None:
+            raise faithful.refusal(self._architecture, mode)
+        prompt = faithful.build(self._faithful, item, mode)
+        options = replace(options, add_special_tokens=True)
+        if prompt.images:
+            return self._with_images(prompt.text, list(prompt.images), options, pads_in_text=False)
+        limit = options.truncate_prompt_tokens
+        if limit == -1:
+            limit = self._max_model_len
+        ids = self._encode_text(prompt.text, True, limit, options.truncation_side)
+        self._check_no_pads(ids)
+        return Sequence(ids=tuple(ids), prompt_tokens=len(ids))
 
     def _check_no_pads(self, ids: Seq[int]) -> None:
         if self._image_pad_id in ids:
@@ -272,6 +316,7 @@ class QwenVLProcessor(BertProcessor):
                 length=p.num_tokens,
                 digest=digest,
                 cost=p.num_patches,
+                token_grid=(p.grid_thw[1] // p.merge_size, p.grid_thw[2] // p.merge_size),
             )
             for (p, digest), offset in zip(prepared, offsets, strict=True)
         )
