@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from lateserve.gateway.common.protocol import (
@@ -19,6 +21,11 @@ class PoolingRequest(PoolingBasicFields, EncodingFields, CompletionOrChatFields,
     task: str | None = Field(
         default=None,
         description="token_embed, token_classify, embed or classify; unset: the model's default task.",
+    )
+    input_type: Literal["query", "document"] | None = Field(
+        default=None,
+        description="vLLM's newest spelling of the query/document switch on /pooling: an alias of "
+        "`embedding_mode` 'query'/'document'. Both given and different: 400 on input_type.",
     )
     return_lexical_weights: bool = Field(
         default=False,

@@ -21,9 +21,24 @@ def pooling_task_to_proto(task: str | None) -> common_pb2.PoolingTask.ValueType:
         raise GatewayError(f"Unsupported task: {task!r} Known tasks: {unknown.known}", param="task") from None
 
 
+def with_input_type(body: PoolingRequest) -> PoolingRequest:
+    """`input_type` (vLLM's name) folded into `embedding_mode` (lateserve's): the same switch, so one of
+    them, or both with the same value; both and different is a 400 naming input_type."""
+    if body.input_type is None:
+        return body
+    if body.embedding_mode is not None and body.embedding_mode != body.input_type:
+        raise GatewayError(
+            f"input_type {body.input_type!r} contradicts embedding_mode {body.embedding_mode!r}; "
+            "input_type is an alias of embedding_mode: send one of them, or both with the same value",
+            param="input_type",
+        )
+    return body.model_copy(update={"embedding_mode": body.input_type})
+
+
 def pool_request_to_proto(body: PoolingRequest, request_id: str) -> pool_service_pb2.PoolRequest:
     """The JSON request as a PoolRequest, every field as sent (the server applies the rules)."""
     common.refuse_unhonoured(body)
+    body = with_input_type(body)
     inputs, messages, chat = common.completion_or_chat_to_proto(body)
     return pool_service_pb2.PoolRequest(
         model=body.model or "",
