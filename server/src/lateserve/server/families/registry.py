@@ -41,6 +41,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "ColQwen3": ("lateserve.server.families.colqwen3", "ColQwen3Family"),
     "OpsColQwen3Model": ("lateserve.server.families.colqwen3", "ColQwen3Family"),
     "Qwen3VLNemotronEmbedModel": ("lateserve.server.families.colqwen3", "ColQwen3Family"),
+    # Llama-Nemotron-VL (SigLIP + bidirectional Llama): embeddings (bi-encoder) and reranking (cross-encoder).
+    "LlamaNemotronVLModel": ("lateserve.server.families.nemotron_vl", "NemotronVLFamily"),
+    "LlamaNemotronVLForSequenceClassification": ("lateserve.server.families.nemotron_vl", "NemotronVLFamily"),
     # Qwen3.5 hybrid backbone (gated delta-net + full attention), ColQwen3's processor and head rules.
     "ColQwen3_5": ("lateserve.server.families.colqwen3_5", "ColQwen3_5Family"),
 }
