@@ -13,6 +13,7 @@
 #   LATESERVE_GRPC_PORT (50051)       LATESERVE_HTTP_PORT (8000)        LATESERVE_HOST (0.0.0.0)
 #   LATESERVE_GATEWAY (1)             0: --no-gateway (gRPC only; run `entrypoint.sh gateway` beside it)
 #   LATESERVE_METRICS_PORT (9400)     Prometheus lateserve_* metrics of the serving process; 0 disables
+#   LATESERVE_METRICS_HOST            its bind address (LATESERVE_HOST)
 #   LATESERVE_SHUTDOWN_GRACE_SECONDS  --shutdown-grace-seconds (default 30: keep terminationGracePeriodSeconds above)
 #   LATESERVE_DEVICE, LATESERVE_DTYPE, LATESERVE_WORKERS, LATESERVE_DOC_CACHE_MB, LATESERVE_MAX_MODEL_LEN,
 #   LATESERVE_SERVED_MODEL_NAME       the flags of the same name, when set
@@ -98,7 +99,8 @@ case $command in
         if [ -n "$model" ]; then
             set -- "$model" "$@"
         fi
-        run "$python" "$here/launch.py" --metrics-port "${LATESERVE_METRICS_PORT:-9400}" -- serve "$@"
+        run "$python" "$here/launch.py" --metrics-port "${LATESERVE_METRICS_PORT:-9400}" \
+            --metrics-host "${LATESERVE_METRICS_HOST:-$host}" -- serve "$@"
         ;;
     gateway)
         target=${LATESERVE_GRPC_TARGET:-127.0.0.1:$grpc_port}
