@@ -13,7 +13,7 @@
 # * transformers is pinned to the main venv's 5.24.0, so the oracle and lateserve's raw-mode reference
 #   run the same Qwen3-VL code.
 # Idempotent: an existing venv is reused, and `.ok` is touched last, only when everything worked.
-# Size and time, measured on the 2-core machine from nothing: see tools/oracles/README.md.
+# Size and time from nothing on the 2-core machine (all wheels local): 5.8 GB, about 80 s.
 set -euo pipefail
 
 VENV=${1:-.refs/colpali}
