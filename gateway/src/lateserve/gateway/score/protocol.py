@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Self
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from lateserve.gateway.common.protocol import ScoreInputs, ScoringFields
 
@@ -22,6 +22,11 @@ class ScoreRequest(ScoringFields):
     data_2: ScoreInputs | None = None
     text_1: ScoreInputs | None = None
     text_2: ScoreInputs | None = None
+    return_similarity_maps: bool | None = Field(
+        default=None,
+        description="lateserve extension, late-interaction models with image documents: per pair, each query "
+        "token's similarity over each document image's token grid (`similarity_maps`).",
+    )
 
     @model_validator(mode="after")
     def _one_spelling(self) -> Self:

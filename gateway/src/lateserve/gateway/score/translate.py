@@ -7,6 +7,7 @@ from typing import Any
 from lateserve.gateway.common import translate as common
 from lateserve.gateway.score.protocol import ScoreRequest
 from lateserve.v1 import score_service_pb2
+from lateserve.wire.tensors import from_tensor
 
 
 def score_request_to_proto(body: ScoreRequest, request_id: str) -> score_service_pb2.ScoreRequest:
@@ -21,6 +22,7 @@ def score_request_to_proto(body: ScoreRequest, request_id: str) -> score_service
         request_id=request_id,
         score_mode=body.score_mode or "",
         use_activation=body.use_activation,
+        return_similarity_maps=bool(body.return_similarity_maps),
     )
 
 
@@ -31,6 +33,23 @@ def score_response_to_json(response: score_service_pb2.ScoreResponse, created: i
         "object": "list",
         "created": created,
         "model": response.model,
-        "data": [{"index": r.index, "object": "score", "score": r.score} for r in response.results],
+        "data": [_result(r) for r in response.results],
         "usage": common.usage_info(response.usage),
     }
+
+
+def _result(result: score_service_pb2.ScoreResult) -> dict[str, Any]:
+    """vLLM's score entry; `similarity_maps` only when asked for (lateserve extension)."""
+    entry: dict[str, Any] = {"index": result.index, "object": "score", "score": result.score}
+    if result.similarity_maps:
+        entry["similarity_maps"] = [
+            {
+                "image_index": m.image_index,
+                "height": m.height,
+                "width": m.width,
+                "query_tokens": list(m.query_tokens),
+                "data": from_tensor(m.data).tolist(),
+            }
+            for m in result.similarity_maps
+        ]
+    return entry

@@ -32,6 +32,7 @@ class ScoreRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SCORE_MODE_FIELD_NUMBER: _builtins.int
     USE_ACTIVATION_FIELD_NUMBER: _builtins.int
+    RETURN_SIMILARITY_MAPS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     request_id: _builtins.str
@@ -48,6 +49,10 @@ class ScoreRequest(_message.Message):
     use_activation: _builtins.bool
     """Cross-encoders: apply the classifier's activation (sigmoid for one label) to the score; unset
     means true, as vLLM's use_activation. false returns the raw logit. Other kinds ignore it.
+    """
+    return_similarity_maps: _builtins.bool
+    """Late-interaction models with image documents: also return, per pair, each query token's
+    similarity over each document image's token grid (colpali-engine's similarity maps).
     """
     @_builtins.property
     def queries(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
@@ -71,16 +76,59 @@ class ScoreRequest(_message.Message):
         request_id: _builtins.str = ...,
         score_mode: _builtins.str = ...,
         use_activation: _builtins.bool | None = ...,
+        return_similarity_maps: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation", "options", b"options", "use_activation", b"use_activation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation", "documents", b"documents", "model", b"model", "options", b"options", "queries", b"queries", "request_id", b"request_id", "score_mode", b"score_mode", "use_activation", b"use_activation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation", "documents", b"documents", "model", b"model", "options", b"options", "queries", b"queries", "request_id", b"request_id", "return_similarity_maps", b"return_similarity_maps", "score_mode", b"score_mode", "use_activation", b"use_activation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__use_activation: _TypeAlias = _typing.Literal["use_activation"]  # noqa: Y015
     _WhichOneofArgType__use_activation: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__use_activation) -> _WhichOneofReturnType__use_activation | None: ...
 
 Global___ScoreRequest: _TypeAlias = ScoreRequest  # noqa: Y015
+
+@_typing.final
+class SimilarityMap(_message.Message):
+    """One query's token similarities over one document image: the picture of where a page matches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_INDEX_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    QUERY_TOKENS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    image_index: _builtins.int
+    """Which image of the document (its position among the document's images)."""
+    height: _builtins.int
+    """Rows of the image's token grid."""
+    width: _builtins.int
+    """Columns of the image's token grid."""
+    @_builtins.property
+    def query_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The query's token strings, one per row of data (special and augmentation tokens included)."""
+
+    @_builtins.property
+    def data(self) -> _common_pb2.Tensor:
+        """float32 [len(query_tokens), height, width]: each query token's dot product with each image token."""
+
+    def __init__(
+        self,
+        *,
+        image_index: _builtins.int = ...,
+        height: _builtins.int = ...,
+        width: _builtins.int = ...,
+        query_tokens: _abc.Iterable[_builtins.str] | None = ...,
+        data: _common_pb2.Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "height", b"height", "image_index", b"image_index", "query_tokens", b"query_tokens", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimilarityMap: _TypeAlias = SimilarityMap  # noqa: Y015
 
 @_typing.final
 class ScoreResult(_message.Message):
@@ -90,19 +138,25 @@ class ScoreResult(_message.Message):
 
     INDEX_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
+    SIMILARITY_MAPS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Pair index (the document's position)."""
     score: _builtins.float
     """The score (late interaction: MaxSim; bi-encoder: cosine; cross-encoder: probability)."""
+    @_builtins.property
+    def similarity_maps(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimilarityMap]:
+        """With return_similarity_maps: one map per image of the document."""
+
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         score: _builtins.float = ...,
+        similarity_maps: _abc.Iterable[Global___SimilarityMap] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "score", b"score", "similarity_maps", b"similarity_maps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

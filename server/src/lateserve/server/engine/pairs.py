@@ -17,6 +17,8 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from lateserve.server.domain import (
     Array,
     EmbeddingMode,
@@ -44,6 +46,17 @@ from lateserve.server.engine.scoring import (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class SimilarityMap:
+    """One query's token similarities over one document image's token grid (colpali-engine's
+    get_similarity_maps_from_embeddings: the query vectors against the image-token vectors laid out as
+    the image's grid)."""
+
+    image_index: int
+    query_token_ids: tuple[int, ...]
+    data: Array  # [n_query_tokens, height, width]
+
+
 @dataclass(slots=True)
 class PairScores:
     """Scores in pair order, with usage and timings of everything encoded."""
@@ -51,6 +64,7 @@ class PairScores:
     scores: list[float]
     prompt_tokens: int
     timings: Timings
+    maps: list[list[SimilarityMap]] | None = None
 
 
 async def _encode_sides(
@@ -165,9 +179,14 @@ async def score_pairs(
     score_mode: str = "",
     *,
     use_activation: bool = True,
+    similarity_maps: bool = False,
 ) -> PairScores:
     """Pair (1:1, 1:N, N:N) and score; a shared query is encoded once and counted once in usage."""
     pairs = pair_indices(len(queries), len(documents))
+    if similarity_maps and (engine.spec.kind != ModelKind.LATE_INTERACTION or score_mode):
+        raise InvalidArgument(
+            "return_similarity_maps needs a late-interaction model scoring by MaxSim", field="return_similarity_maps"
+        )
     mode = parse_score_mode(score_mode, engine.spec.score_modes, engine.spec.architecture)
     kind = engine.spec.kind
     measure: Callable[[Array, Array], float] | None = None
@@ -185,6 +204,9 @@ async def score_pairs(
         q_res, d_res = await _encode_sides(engine, queries, documents, tasks, options)
     except ExceptionGroup as group:
         raise group.exceptions[0] from None
+    maps = None
+    if similarity_maps:
+        maps = [_similarity_maps(q_res, i, d_res, j) for i, j in pairs]
     if measure is not None:
         scores = [measure(q_res.outputs[i][task], d_res.outputs[j][task]) for i, j in pairs]
     else:
@@ -195,4 +217,22 @@ async def score_pairs(
     timings.merge_max(q_res.timings)
     timings.merge_max(d_res.timings)
     timings.total_ns = max(q_res.timings.total_ns, d_res.timings.total_ns)
-    return PairScores(scores, q_res.prompt_tokens + d_res.prompt_tokens, timings)
+    return PairScores(scores, q_res.prompt_tokens + d_res.prompt_tokens, timings, maps)
+
+
+def _similarity_maps(q_res: EncodeResult, i: int, d_res: EncodeResult, j: int) -> list[SimilarityMap]:
+    """Query i's token vectors against each image of document j, on the image's token grid."""
+    query = q_res.outputs[i][Task.TOKEN_EMBED].astype(np.float32, copy=False)
+    sequence = d_res.sequences[j]
+    document = d_res.outputs[j][Task.TOKEN_EMBED]
+    maps = []
+    for k, media in enumerate(sequence.media):
+        if media.token_grid is None or sequence.keep is not None:
+            continue
+        height, width = media.token_grid
+        rows = document[media.offset : media.offset + media.length].astype(np.float32, copy=False)
+        if rows.shape[0] != height * width:
+            continue
+        data = (query @ rows.T).reshape(len(query), height, width)
+        maps.append(SimilarityMap(k, q_res.sequences[i].ids, data))
+    return maps
