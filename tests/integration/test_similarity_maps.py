@@ -5,6 +5,7 @@ from the checkpoint, not by the server), over HTTP and gRPC; refused where they 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -100,3 +101,37 @@ def test_a_text_model_returns_no_maps(colbert_server: LiveServer) -> None:
         colbert_server.http_url, "/score", {"text_1": "a", "text_2": ["b"], "return_similarity_maps": True}
     )
     assert status == 200 and body["data"][0].get("similarity_maps") is None
+
+
+def test_the_example_script_draws_the_heatmap(toy: tuple[LiveServer, object], tmp_path: Path) -> None:
+    """examples/similarity_map.py end to end: the PNG has the page's size and is red where the map is high."""
+    import importlib.util
+
+    live, model = toy
+    image = Image.new("RGB", (64, 32), (255, 255, 255))
+    image.paste((0, 0, 255), (0, 0, 32, 32))  # the left half blue, the right half white
+    image_file = tmp_path / "page.png"
+    image.save(image_file)
+    spec = importlib.util.spec_from_file_location(
+        "similarity_map", Path(__file__).parents[2] / "examples/similarity_map.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(
+        ["--url", live.http_url, "--image", str(image_file), "--query", QUERY, "--out", str(tmp_path / "h.png")]
+    )
+    heat = np.asarray(Image.open(out).convert("RGB"), dtype=np.int32)
+    assert heat.shape == (32, 64, 3)
+    grid = expected(model, image, QUERY).max(axis=0)  # rows x cols of the page's patches
+    hot = np.unravel_index(int(grid.argmax()), grid.shape)
+    cold = np.unravel_index(int(grid.argmin()), grid.shape)
+    rows, cols = grid.shape
+
+    def redness(cell: tuple[int, ...]) -> float:
+        r0, c0 = int(cell[0] * 32 / rows), int(cell[1] * 64 / cols)
+        patch = heat[r0 : r0 + 32 // rows, c0 : c0 + 64 // cols]
+        original = np.asarray(image, dtype=np.int32)[r0 : r0 + 32 // rows, c0 : c0 + 64 // cols]
+        return float((patch[..., 0] - original[..., 0]).mean() - (patch[..., 2] - original[..., 2]).mean())
+
+    assert redness(hot) > redness(cold)
