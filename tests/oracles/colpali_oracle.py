@@ -26,6 +26,12 @@ Output arrays, per key (float32 unless said):
   <key>/query_ids/<i>, <key>/document_ids/<j>, <key>/text_ids/<k>   int64: the ids colpali fed the model
   <key>/scores   [n_queries, n_images]: processor.score_multi_vector of each (query, image document) pair
   <key>/text_scores   [n_queries, n_texts]
+
+Pooling mode (no model is loaded): {"pool": {"vectors": "<in.npz>", "pool_factors": [1, 2, 3]}} runs colpali's
+`HierarchicalTokenPooler().pool_embeddings([E], pool_factor=k, return_dict=True)` on each float32 [n, dim]
+array E of in.npz (keys are free-form names), one document at a time:
+  pool/<name>/<k>          [clusters, dim] float32: the pooled vectors, in colpali's order
+  pool/<name>/<k>/labels   [n] int64: the cluster (row of the pooled output) of each input row
 """
 
 from __future__ import annotations
@@ -136,8 +142,34 @@ def _rows(model: Any, batch: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return vectors, ids
 
 
+def pool(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """colpali's hierarchical token pooling of each array, per pool factor (see the module docstring)."""
+    from colpali_engine.compression.token_pooling import HierarchicalTokenPooler
+
+    pooler = HierarchicalTokenPooler()
+    with np.load(spec["vectors"], allow_pickle=False) as data:
+        inputs = {name: data[name].astype(np.float32) for name in data.files}
+    for name, vectors in inputs.items():
+        for factor in spec["pool_factors"]:
+            out = pooler.pool_embeddings([torch.from_numpy(vectors)], pool_factor=int(factor), return_dict=True)
+            pooled = out.pooled_embeddings[0].numpy()
+            labels = np.full(vectors.shape[0], -1, dtype=np.int64)
+            row = 0
+            for cluster_id in sorted(out.cluster_id_to_indices[0]):
+                members = out.cluster_id_to_indices[0][cluster_id][0].numpy()
+                if members.size:
+                    labels[members] = row
+                    row += 1
+            arrays[f"pool/{name}/{factor}"], arrays[f"pool/{name}/{factor}/labels"] = pooled, labels
+
+
 def main(request_path: str, out_path: str) -> None:
     request = json.loads(Path(request_path).read_text(encoding="utf-8"))
+    if "pool" in request:
+        pooled: dict[str, np.ndarray] = {}
+        pool(request["pool"], pooled)
+        np.savez(out_path, **pooled)
+        return
     queries: list[str] = request["queries"]
     images = [Image.open(p) for p in request.get("images", [])]
     for image in images:

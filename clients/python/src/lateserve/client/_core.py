@@ -308,8 +308,14 @@ class ClientCore(Generic[_Channel]):
         embedding_mode: EmbeddingModeName | None = None,
         return_lexical_weights: bool = False,
         request_id: str = "",
+        pool_factor: int | None = None,
+        mask_non_image_embeddings: bool = False,
     ) -> Unary[Pooled]:
-        """Pooled outputs (float32 arrays, input order) in one message; see pool_stream for big ones."""
+        """Pooled outputs (float32 arrays, input order) in one message; see pool_stream for big ones.
+
+        pool_factor (token_embed, late-interaction models): colpali-style hierarchical token pooling, at most
+        n // pool_factor vectors per input; mask_non_image_embeddings: only the image tokens' vectors of
+        inputs with images (applied first)."""
         request = requests.pool_request(
             inputs,
             task=task,
@@ -320,6 +326,8 @@ class ClientCore(Generic[_Channel]):
             embedding_mode=embedding_mode,
             return_lexical_weights=return_lexical_weights,
             request_id=request_id,
+            pool_factor=pool_factor,
+            mask_non_image_embeddings=mask_non_image_embeddings,
         )
         return Unary(self._pool.Pool, request, responses.pooled)
 
@@ -336,8 +344,11 @@ class ClientCore(Generic[_Channel]):
         embedding_mode: EmbeddingModeName | None = None,
         max_chunk_bytes: int | None = None,
         request_id: str = "",
+        pool_factor: int | None = None,
+        mask_non_image_embeddings: bool = False,
     ) -> Stream:
-        """Yields (input index, float32 array) as each input completes, over StreamPool.
+        """Yields (input index, float32 array) as each input completes, over StreamPool; pool_factor and
+        mask_non_image_embeddings as pool().
 
         The request is built (and validated) now; the call starts on the first iteration.
         """
@@ -351,6 +362,8 @@ class ClientCore(Generic[_Channel]):
             embedding_mode=embedding_mode,
             max_chunk_bytes=max_chunk_bytes,
             request_id=request_id,
+            pool_factor=pool_factor,
+            mask_non_image_embeddings=mask_non_image_embeddings,
         )
         return Stream(self._pool.StreamPool, request)
 

@@ -178,8 +178,10 @@ def _pool_fields(
     truncate_prompt_tokens: int | None,
     embedding_mode: EmbeddingModeName | None,
     request_id: str,
+    pool_factor: int | None = None,
+    mask_non_image_embeddings: bool = False,
 ) -> dict[str, Any]:
-    """Fields PoolRequest and StreamPoolRequest share (same names and numbers in both)."""
+    """Fields PoolRequest and StreamPoolRequest share (same names in both)."""
     fields: dict[str, Any] = {
         "model": model,
         "inputs": to_inputs(inputs),
@@ -190,6 +192,10 @@ def _pool_fields(
     }
     if normalize is not None:
         fields["normalize"] = normalize
+    if pool_factor is not None:
+        fields["pool_factor"] = pool_factor
+    if mask_non_image_embeddings:
+        fields["mask_non_image_embeddings"] = True
     return fields
 
 
@@ -204,8 +210,12 @@ def pool_request(
     embedding_mode: EmbeddingModeName | None = None,
     return_lexical_weights: bool = False,
     request_id: str = "",
+    pool_factor: int | None = None,
+    mask_non_image_embeddings: bool = False,
 ) -> PoolRequest:
-    """A PoolRequest; task=None or dtype=None leave the choice to the server."""
+    """A PoolRequest; task=None or dtype=None leave the choice to the server. pool_factor (token_embed on
+    late-interaction models): hierarchical token pooling into at most n // pool_factor vectors per input;
+    mask_non_image_embeddings: only the image tokens' vectors of inputs with images."""
     fields = _pool_fields(
         inputs,
         task=task,
@@ -215,6 +225,8 @@ def pool_request(
         truncate_prompt_tokens=truncate_prompt_tokens,
         embedding_mode=embedding_mode,
         request_id=request_id,
+        pool_factor=pool_factor,
+        mask_non_image_embeddings=mask_non_image_embeddings,
     )
     return PoolRequest(return_lexical_weights=return_lexical_weights, **fields)
 
@@ -230,8 +242,11 @@ def stream_pool_request(
     embedding_mode: EmbeddingModeName | None = None,
     max_chunk_bytes: int | None = None,
     request_id: str = "",
+    pool_factor: int | None = None,
+    mask_non_image_embeddings: bool = False,
 ) -> StreamPoolRequest:
-    """A StreamPoolRequest; max_chunk_bytes=None keeps the server's chunk size (1 MiB)."""
+    """A StreamPoolRequest; max_chunk_bytes=None keeps the server's chunk size (1 MiB); pool_factor and
+    mask_non_image_embeddings as pool_request."""
     fields = _pool_fields(
         inputs,
         task=task,
@@ -241,6 +256,8 @@ def stream_pool_request(
         truncate_prompt_tokens=truncate_prompt_tokens,
         embedding_mode=embedding_mode,
         request_id=request_id,
+        pool_factor=pool_factor,
+        mask_non_image_embeddings=mask_non_image_embeddings,
     )
     request = StreamPoolRequest(**fields)
     if max_chunk_bytes is not None:

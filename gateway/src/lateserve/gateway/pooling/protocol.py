@@ -11,6 +11,7 @@ from lateserve.gateway.common.protocol import (
     CompletionOrChatFields,
     EmbedFields,
     EncodingFields,
+    Int32,
     PoolingBasicFields,
 )
 
@@ -31,4 +32,16 @@ class PoolingRequest(PoolingBasicFields, EncodingFields, CompletionOrChatFields,
         default=False,
         description="lateserve extension: with task token_classify on a sparse model, also return "
         "FlagEmbedding-style lexical weights per input.",
+    )
+    pool_factor: Int32 | None = Field(
+        default=None,
+        description="lateserve extension (token_embed on late-interaction models): hierarchical token pooling "
+        "of each input's vectors into at most max(n // pool_factor, 1) cluster means, as colpali-engine's "
+        "HierarchicalTokenPooler. Unset or 1: no pooling.",
+    )
+    mask_non_image_embeddings: bool = Field(
+        default=False,
+        description="lateserve extension (token_embed on late-interaction models that read images): return "
+        "only the image tokens' vectors of each input with images (colpali-engine's mask_non_image_embeddings); "
+        "inputs without images are returned whole. Applied before pool_factor.",
     )

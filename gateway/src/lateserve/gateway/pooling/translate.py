@@ -53,6 +53,8 @@ def pool_request_to_proto(body: PoolingRequest, request_id: str) -> pool_service
         request_id=request_id,
         return_lexical_weights=body.return_lexical_weights,
         chat=chat,
+        pool_factor=body.pool_factor,
+        mask_non_image_embeddings=body.mask_non_image_embeddings,
     )
 
 

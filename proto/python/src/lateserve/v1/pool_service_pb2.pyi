@@ -67,6 +67,8 @@ class PoolRequest(_message.Message):
     CHAT_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     USE_ACTIVATION_FIELD_NUMBER: _builtins.int
+    POOL_FACTOR_FIELD_NUMBER: _builtins.int
+    MASK_NON_IMAGE_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     task: _common_pb2.PoolingTask.ValueType
@@ -89,6 +91,19 @@ class PoolRequest(_message.Message):
     """vLLM's newer name for normalize (embed/token_embed: L2-normalise) and the classifier activation
     (classify/token_classify); unset: normalize's value, else true. Set to a value other than
     normalize's: INVALID_ARGUMENT with field use_activation.
+    """
+    pool_factor: _builtins.int
+    """Token pooling for index storage (token_embed on a late-interaction model only, else INVALID_ARGUMENT with
+    field pool_factor): each input's token vectors are clustered by Ward-linkage hierarchical clustering into
+    at most max(n / pool_factor, 1) clusters (integer division) and each cluster's mean is returned,
+    L2-normalised when normalize is on; equal to colpali-engine's HierarchicalTokenPooler. Unset or 1: no
+    pooling; below 1: INVALID_ARGUMENT.
+    """
+    mask_non_image_embeddings: _builtins.bool
+    """token_embed on a late-interaction model that reads images (else INVALID_ARGUMENT with field
+    mask_non_image_embeddings): return only the rows of each input's image tokens, in order (colpali-engine's
+    mask_non_image_embeddings, which zeroes the other rows instead of dropping them). An input without images
+    is returned whole, as colpali masks only inputs with pixel values. Applied before pool_factor.
     """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
@@ -121,21 +136,27 @@ class PoolRequest(_message.Message):
         chat: _common_pb2.ChatOptions | None = ...,
         dimensions: _builtins.int | None = ...,
         use_activation: _builtins.bool | None = ...,
+        pool_factor: _builtins.int | None = ...,
+        mask_non_image_embeddings: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "normalize", b"normalize", "options", b"options", "use_activation", b"use_activation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "_pool_factor", b"_pool_factor", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "normalize", b"normalize", "options", b"options", "pool_factor", b"pool_factor", "use_activation", b"use_activation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "dtype", b"dtype", "inputs", b"inputs", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task", "use_activation", b"use_activation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "_pool_factor", b"_pool_factor", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "dtype", b"dtype", "inputs", b"inputs", "mask_non_image_embeddings", b"mask_non_image_embeddings", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "pool_factor", b"pool_factor", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task", "use_activation", b"use_activation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    _WhichOneofReturnType__pool_factor: _TypeAlias = _typing.Literal["pool_factor"]  # noqa: Y015
+    _WhichOneofArgType__pool_factor: _TypeAlias = _typing.Literal["_pool_factor", b"_pool_factor"]  # noqa: Y015
     _WhichOneofReturnType__use_activation: _TypeAlias = _typing.Literal["use_activation"]  # noqa: Y015
     _WhichOneofArgType__use_activation: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pool_factor) -> _WhichOneofReturnType__pool_factor | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__use_activation) -> _WhichOneofReturnType__use_activation | None: ...
 
@@ -240,6 +261,8 @@ class StreamPoolRequest(_message.Message):
     CHAT_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     USE_ACTIVATION_FIELD_NUMBER: _builtins.int
+    POOL_FACTOR_FIELD_NUMBER: _builtins.int
+    MASK_NON_IMAGE_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model."""
     task: _common_pb2.PoolingTask.ValueType
@@ -260,6 +283,12 @@ class StreamPoolRequest(_message.Message):
     """As PoolRequest.dimensions: any value is INVALID_ARGUMENT with field dimensions."""
     use_activation: _builtins.bool
     """As PoolRequest.use_activation: normalize's newer name, and the classifier activation."""
+    pool_factor: _builtins.int
+    """As PoolRequest.pool_factor: hierarchical token pooling into at most max(n / pool_factor, 1) vectors;
+    total_rows counts the pooled rows.
+    """
+    mask_non_image_embeddings: _builtins.bool
+    """As PoolRequest.mask_non_image_embeddings: only the image tokens' rows; total_rows counts them."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Input]:
         """The inputs (completion form). Exactly one of inputs or messages is set (both: INVALID_ARGUMENT)."""
@@ -292,10 +321,12 @@ class StreamPoolRequest(_message.Message):
         chat: _common_pb2.ChatOptions | None = ...,
         dimensions: _builtins.int | None = ...,
         use_activation: _builtins.bool | None = ...,
+        pool_factor: _builtins.int | None = ...,
+        mask_non_image_embeddings: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "max_chunk_bytes", b"max_chunk_bytes", "normalize", b"normalize", "options", b"options", "use_activation", b"use_activation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "_pool_factor", b"_pool_factor", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "max_chunk_bytes", b"max_chunk_bytes", "normalize", b"normalize", "options", b"options", "pool_factor", b"pool_factor", "use_activation", b"use_activation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "dtype", b"dtype", "inputs", b"inputs", "max_chunk_bytes", b"max_chunk_bytes", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task", "use_activation", b"use_activation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_max_chunk_bytes", b"_max_chunk_bytes", "_normalize", b"_normalize", "_pool_factor", b"_pool_factor", "_use_activation", b"_use_activation", "chat", b"chat", "dimensions", b"dimensions", "dtype", b"dtype", "inputs", b"inputs", "mask_non_image_embeddings", b"mask_non_image_embeddings", "max_chunk_bytes", b"max_chunk_bytes", "messages", b"messages", "model", b"model", "normalize", b"normalize", "options", b"options", "pool_factor", b"pool_factor", "request_id", b"request_id", "return_lexical_weights", b"return_lexical_weights", "task", b"task", "use_activation", b"use_activation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
@@ -303,6 +334,8 @@ class StreamPoolRequest(_message.Message):
     _WhichOneofArgType__max_chunk_bytes: _TypeAlias = _typing.Literal["_max_chunk_bytes", b"_max_chunk_bytes"]  # noqa: Y015
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    _WhichOneofReturnType__pool_factor: _TypeAlias = _typing.Literal["pool_factor"]  # noqa: Y015
+    _WhichOneofArgType__pool_factor: _TypeAlias = _typing.Literal["_pool_factor", b"_pool_factor"]  # noqa: Y015
     _WhichOneofReturnType__use_activation: _TypeAlias = _typing.Literal["use_activation"]  # noqa: Y015
     _WhichOneofArgType__use_activation: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation"]  # noqa: Y015
     @_typing.overload
@@ -311,6 +344,8 @@ class StreamPoolRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_chunk_bytes) -> _WhichOneofReturnType__max_chunk_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pool_factor) -> _WhichOneofReturnType__pool_factor | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__use_activation) -> _WhichOneofReturnType__use_activation | None: ...
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from lateserve.server.domain import InvalidArgument, LexicalSpec, Task
+from lateserve.server.domain import InvalidArgument, LexicalSpec, Modality, ModelKind, Task
 from lateserve.server.engine.engine import EncodeResult
 from lateserve.server.engine.lexical import lexical_weights
+from lateserve.server.engine.token_pooling import mask_non_image, pool_tokens
 from lateserve.server.rpc import rpc_method, rpc_stream
 from lateserve.server.services.convert import (
     TASKS,
@@ -46,6 +48,45 @@ def use_activation(request: ActivationLike) -> bool:
     return True
 
 
+def token_reduction(request: PoolLike, task: Task, model: ServedModel) -> tuple[int, bool]:
+    """(pool_factor, mask_non_image_embeddings), checked before any encoding: both only for token_embed on a
+    late-interaction model, the mask only on a model that reads images, pool_factor >= 1."""
+    engine = model.engine
+    factor = request.pool_factor if request.HasField("pool_factor") else 1
+    mask = request.mask_non_image_embeddings
+    for name, asked in (("pool_factor", request.HasField("pool_factor")), ("mask_non_image_embeddings", mask)):
+        if not asked:
+            continue
+        if task is not Task.TOKEN_EMBED or engine.spec.kind != ModelKind.LATE_INTERACTION:
+            raise InvalidArgument(
+                f"{name} applies to task token_embed on a late-interaction model; got task {task.value} on "
+                f"{engine.spec.architecture} ({engine.spec.kind.value})",
+                field=name,
+            )
+    if request.HasField("pool_factor") and factor < 1:
+        raise InvalidArgument(f"pool_factor must be an integer >= 1 (1: no pooling), got {factor}", field="pool_factor")
+    if mask and Modality.IMAGE not in engine.spec.modalities:
+        raise InvalidArgument(
+            f"mask_non_image_embeddings keeps image tokens; {engine.spec.architecture} takes text only",
+            field="mask_non_image_embeddings",
+        )
+    return factor, mask
+
+
+def reduce_tokens(result: EncodeResult, task: Task, factor: int, mask: bool, normalize: bool) -> EncodeResult:
+    """The image rows of each input (mask), then hierarchical token pooling (factor > 1). CPU work on numpy:
+    run it off the event loop."""
+    outputs = []
+    for out, sequence in zip(result.outputs, result.sequences, strict=True):
+        array = out[task]
+        if mask:
+            array = mask_non_image(array, sequence)
+        if factor > 1:
+            array = pool_tokens(array, factor, normalize=normalize)
+        outputs.append({**out, task: array})
+    return EncodeResult(outputs, result.sequences, result.timings)
+
+
 class PoolServicer(pb_grpc.PoolServiceServicer):
     def __init__(self, model: ServedModel) -> None:
         self.model = model
@@ -68,9 +109,16 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
         activation = use_activation(request)
         if request.return_lexical_weights:
             self._lexical_spec(task)  # fail before encoding
-        result = await self.model.engine.encode(
+        factor, mask = token_reduction(request, task, self.model)  # fail before encoding
+        engine = self.model.engine
+        result = await engine.encode(
             inputs, frozenset({task}), options, normalize=activation, activation=activation, field="input"
         )
+        if factor > 1 or mask:
+            # Clustering is O(n^2) memory and O(n^3) time per document: the prepare pool, not the loop.
+            start = time.perf_counter_ns()
+            result = await engine.prepare(reduce_tokens, result, task, factor, mask, activation)
+            result.timings.total_ns += time.perf_counter_ns() - start
         return task, result
 
     def _lexical_spec(self, task: Task) -> LexicalSpec:
