@@ -3,8 +3,8 @@ bodies shaped like each route's pydantic request model with values of any type, 
 content types. Every answer must come (no hang: a client timeout fails the test) and must not be a 5xx;
 errors carry vLLM's envelope with `code` equal to the status.
 
-Budget: a fixed number of examples per test (1000 each, about 40 s for both files on two cores); no example database, so a run is
-reproducible from its seed."""
+Budget: a fixed number of examples per test (1000 each, about 40 s for both files on two cores); no example
+database and a fixed seed, so a run is reproducible."""
 
 from __future__ import annotations
 
