@@ -6,10 +6,14 @@ is imported so each replica gets its own cores or GPU.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from lateserve.server.workers.messages import (
@@ -36,9 +40,50 @@ def _apply_environment(spec: WorkerSpec) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.cuda_device)
 
 
+# glibc's mallopt parameter for the mmap threshold; setting it also turns off the dynamic threshold.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _bound_heap() -> None:
+    """Allocations of 1 MiB and more (activations, batch tensors) get their own mmap, returned to the OS
+    when freed. glibc's default threshold starts at 128 KiB but rises after each large free up to 32 MiB, so
+    under batches of varied shapes the activations end up in the heap and fragment it: measured on the
+    bundled model (docs/hardening.md), worker RSS went 445 -> 900 MB under 768 varied /rerank requests, and
+    ~610 MB with this plus `HeapTrimmer`. An explicit MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+class HeapTrimmer:
+    """Returns freed heap to the OS after batches (glibc malloc_trim), at most every `interval_s`.
+
+    Batches of varied shapes leave freed activations in glibc's heap, which the process keeps; trimming
+    after a batch once a second costs well under a millisecond per batch on average."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._last = 0.0
+        self._trim: Callable[[int], int] | None = None
+        if os.environ.get("LATESERVE_WORKER_MALLOC_TRIM", "1") != "0":
+            try:
+                self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                self._trim = None
+
+    def after_batch(self) -> None:
+        now = time.monotonic()
+        if self._trim is not None and now - self._last >= self.interval_s:
+            self._last = now
+            self._trim(0)
+
+
 def child_main(conn: Connection, spec: WorkerSpec) -> None:
     """Entry point of a worker process (target of multiprocessing.Process)."""
     _apply_environment(spec)
+    _bound_heap()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{spec.worker_id} %(levelname)s %(message)s")
     try:
         import torch
@@ -59,6 +104,7 @@ def child_main(conn: Connection, spec: WorkerSpec) -> None:
         conn.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
     conn.send(WorkerReady(pid=os.getpid(), device=device, dtype=spec.dtype))
+    trimmer = HeapTrimmer()
     with torch.inference_mode():
         while True:
             try:
@@ -80,3 +126,4 @@ def child_main(conn: Connection, spec: WorkerSpec) -> None:
                 except Exception as exc:
                     log.error("batch %d failed: %s", msg.batch_id, traceback.format_exc())
                     conn.send(BatchFailed(msg.batch_id, f"{type(exc).__name__}: {exc}"))
+                trimmer.after_batch()
