@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--worker-batch-timeout",
         type=float,
-        default=120.0,
+        default=30.0,
         help="seconds a worker may take for a full batch (scaled by the batch's cost) before it is replaced",
     )
     serve.add_argument(

@@ -47,7 +47,7 @@ class ServerConfig:
     max_queued_bytes: int = 1 << 30
     max_queue_wait_ms: int = 5000
     """Shed new work with 429 once the work in flight needs longer than this to drain (0: never)."""
-    worker_batch_timeout: float = 120.0
+    worker_batch_timeout: float = 30.0
     """Seconds a worker may take for a full batch (scaled by cost) before it counts as frozen and is replaced."""
     worker_heartbeat: float = 5.0
     """Seconds an idle worker has to answer a ping before it counts as frozen."""

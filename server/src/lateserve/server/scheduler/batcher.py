@@ -42,7 +42,7 @@ class Ticket:
 class Batcher:
     """Feeds the worker pool from one token-budget queue."""
 
-    def __init__(self, pool: WorkerPool, queue: BatchQueue[Ticket], batch_timeout_s: float = 120.0) -> None:
+    def __init__(self, pool: WorkerPool, queue: BatchQueue[Ticket], batch_timeout_s: float = 30.0) -> None:
         self.pool = pool
         self.queue = queue
         self.batch_timeout_s = batch_timeout_s
