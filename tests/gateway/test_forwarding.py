@@ -14,6 +14,7 @@ from lateserve.client import requests as client_requests
 from lateserve.client import types as client_types
 from lateserve.gateway.common import protocol
 from lateserve.gateway.common import translate as common
+from lateserve.gateway.common.fp8 import FP8
 from lateserve.gateway.embeddings.protocol import EmbeddingRequest
 from lateserve.gateway.embeddings.translate import embed_request_to_proto
 from lateserve.gateway.errors import GatewayError
@@ -148,7 +149,6 @@ REFUSED: list[tuple[Any, str, Any]] = [
     *[(t, "softmax", False) for t in (pool, score, rerank)],
     *[(t, "activation", True) for t in (pool, score, rerank)],
     *[(t, "max_tokens_per_query", 8) for t in (score, rerank)],
-    *[(t, "max_tokens_per_doc", 8) for t in (score, rerank)],
 ]
 
 
@@ -211,7 +211,8 @@ def test_gateway_literals_are_the_wire_tables() -> None:
     fields = protocol.PoolingBasicFields.model_fields
     assert literal_names(fields["truncation_side"].annotation) == set(enums.TRUNCATION_SIDES)
     assert literal_names(fields["embedding_mode"].annotation) == set(enums.EMBEDDING_MODES)
-    assert literal_names(protocol.EncodingFields.model_fields["embed_dtype"].annotation) == set(enums.DTYPES)
+    # fp8 is made by the gateway from float32 (common.fp8), so it has no wire dtype.
+    assert literal_names(protocol.EncodingFields.model_fields["embed_dtype"].annotation) == set(enums.DTYPES) | set(FP8)
 
 
 def test_client_names_are_the_wire_tables() -> None:

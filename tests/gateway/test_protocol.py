@@ -28,7 +28,9 @@ def test_rerank_accepts_and_keeps_foreign_fields() -> None:
         {"query": "q", "documents": "d", "return_documents": False, "rank_fields": ["x"], "max_chunks_per_doc": 3}
     )
     assert body.documents == "d"
-    assert body.model_extra == {"return_documents": False, "rank_fields": ["x"], "max_chunks_per_doc": 3}
+    # rank_fields is read now (Cohere v1 document objects); the rest stay extras.
+    assert body.rank_fields == ["x"]
+    assert body.model_extra == {"return_documents": False, "max_chunks_per_doc": 3}
 
 
 def test_rerank_multimodal_items_parse_into_parts() -> None:
@@ -153,7 +155,8 @@ def test_pooling_needs_input_or_messages() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("encoding_format", "bytes_only"), ("embed_dtype", "fp8_e4m3"), ("endianness", "middle")]
+    # bytes / bytes_only and fp8 are served now (issue 11); names vLLM lacks are still refused.
+    ("field", "value"), [("encoding_format", "npy"), ("embed_dtype", "int8"), ("endianness", "middle")]
 )
 def test_pooling_encoding_choices(field: str, value: str) -> None:
     payload = {"input": "x", field: value}

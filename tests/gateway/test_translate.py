@@ -529,7 +529,7 @@ def lateserve_error(
         ),
         (
             lateserve_error(
-                grpc.StatusCode.INVALID_ARGUMENT, wire_status.INPUT_TOO_LONG, "too long", field="input_tokens"
+                grpc.StatusCode.INVALID_ARGUMENT, wire_status.INPUT_TOO_LONG, "too long", field="documents[3]"
             ),
             400,
             "BadRequestError",

@@ -197,7 +197,7 @@ def test_bad_input_gets_the_right_status(colbert_channel: grpc.Channel) -> None:
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UNSUPPORTED_TASK")
     long_text = "machine " * 100
     code, reason, field, msg = expect_error(pool, pool_service_pb2.PoolRequest(inputs=[text(long_text)]))
-    assert (code, reason, field) == (grpc.StatusCode.INVALID_ARGUMENT, "INPUT_TOO_LONG", "input_tokens")
+    assert (code, reason, field) == (grpc.StatusCode.INVALID_ARGUMENT, "INPUT_TOO_LONG", "input[0]")
     assert "Please reduce the length of the input prompt" in msg and "maximum context length is 64" in msg
     opts = c.EncodeOptions(truncate_prompt_tokens=65)
     code, reason, field, msg = expect_error(pool, pool_service_pb2.PoolRequest(inputs=[text("x")], options=opts))

@@ -18,7 +18,8 @@ from aiohttp.web_protocol import RequestHandler
 from lateserve.gateway import health
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.embeddings.routes import routes as embeddings_routes
-from lateserve.gateway.keys import CHANNEL, CONFIG, METRICS, STUBS, Stubs
+from lateserve.gateway.invocations.routes import routes as invocations_routes
+from lateserve.gateway.keys import CHANNEL, CONFIG, METRICS, MODEL_TASKS, STUBS, Stubs
 from lateserve.gateway.metrics import GatewayMetrics
 from lateserve.gateway.middlewares import TRIMMER, MemoryTrimmer, error_middleware, metrics_middleware
 from lateserve.gateway.pooling.routes import routes as pooling_routes
@@ -60,11 +61,20 @@ def create_app(config: GatewayConfig, stubs: Stubs | None = None) -> web.Applica
     app[CONFIG] = config
     app[METRICS] = GatewayMetrics()
     app[TRIMMER] = MemoryTrimmer()
+    app[MODEL_TASKS] = {}
     if stubs is None:
         app.cleanup_ctx.append(grpc_channel_ctx)
     else:
         app[STUBS] = stubs
-    for table in (rerank_routes, score_routes, pooling_routes, embeddings_routes, tokenize_routes, health.routes):
+    for table in (
+        rerank_routes,
+        score_routes,
+        pooling_routes,
+        embeddings_routes,
+        tokenize_routes,
+        invocations_routes,
+        health.routes,
+    ):
         app.add_routes(table)
     return app
 

@@ -26,6 +26,8 @@ _DETAILS_KEY = "grpc-status-details-bin"
 BAD_REQUEST = "BadRequestError"
 INTERNAL = "InternalServerError"
 TIMEOUT = "RequestTimeoutError"
+NOT_FOUND = "NotFoundError"
+UNAUTHORIZED = "UnauthorizedError"
 
 # gRPC code -> (HTTP status, vLLM/OpenAI error type). Anything not listed is 500.
 _BY_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -47,6 +49,9 @@ _BY_REASON: dict[tuple[grpc.StatusCode, str], tuple[int, str]] = {
 # Reasons whose vLLM envelope has `"param": null` although the server names a field (vLLM's pairing
 # checks raise plain ValueErrors). Elsewhere `param` is the field of a 400, and null otherwise.
 _NO_PARAM_REASONS = frozenset({wire_status.EMPTY_INPUT, wire_status.PAIRING_MISMATCH})
+# Reasons whose vLLM `param` is fixed whatever item the server names: an over-long input is
+# `"param": "input_tokens"` in vLLM, while gRPC's BadRequest.field names the item (`documents[3]`).
+_FIXED_PARAM: dict[str, str] = {wire_status.INPUT_TOO_LONG: "input_tokens"}
 
 # HTTP status -> type, for errors raised by aiohttp itself (routing, body limit).
 _BY_HTTP_STATUS: dict[int, str] = {
@@ -120,6 +125,8 @@ def from_rpc_error(error: grpc.RpcError) -> ApiError:
     if details.retry_after_s is not None and status in (429, 503):
         headers["Retry-After"] = str(max(0, math.ceil(details.retry_after_s)))
     param = details.field if status == 400 and details.reason not in _NO_PARAM_REASONS else None
+    if status == 400 and details.reason in _FIXED_PARAM:
+        param = _FIXED_PARAM[details.reason]
     return ApiError(status=status, message=details.message, type=type_, param=param, headers=headers)
 
 

@@ -6,7 +6,9 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2
 
+from lateserve.gateway import errors
 from lateserve.gateway.common import http
+from lateserve.gateway.errors import GatewayError
 from lateserve.gateway.keys import METRICS, STUBS
 from lateserve.v1 import info_service_pb2
 
@@ -51,21 +53,22 @@ async def version(request: web.Request) -> web.Response:
     return http.json_response({"version": info.version})
 
 
+def model_to_json(model: info_service_pb2.ModelInfo, created: int) -> dict[str, object]:
+    """One OpenAI model card."""
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": created,
+        "owned_by": "lateserve",
+        "root": model.source or model.id,
+        "parent": None,
+        "max_model_len": model.max_model_len,
+    }
+
+
 def models_to_json(info: info_service_pb2.GetInfoResponse, created: int) -> dict[str, object]:
     """The OpenAI model list built from GetInfo."""
-    data = [
-        {
-            "id": model.id,
-            "object": "model",
-            "created": created,
-            "owned_by": "lateserve",
-            "root": model.source or model.id,
-            "parent": None,
-            "max_model_len": model.max_model_len,
-        }
-        for model in info.models
-    ]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [model_to_json(model, created) for model in info.models]}
 
 
 @routes.get("/v1/models")
@@ -73,6 +76,17 @@ async def models(request: web.Request) -> web.Response:
     """The served models in OpenAI's list format."""
     info = await _get_info(request)
     return http.json_response(models_to_json(info, http.created()))
+
+
+@routes.get("/v1/models/{model_id:.+}")
+async def model(request: web.Request) -> web.Response:
+    """One served model's card (OpenAI's retrieve-model); an id not served is 404 in vLLM's envelope."""
+    wanted = request.match_info["model_id"]
+    info = await _get_info(request)
+    for served in info.models:
+        if served.id == wanted:
+            return http.json_response(model_to_json(served, http.created()))
+    raise GatewayError(f"The model `{wanted}` does not exist.", param="model", status=404, type=errors.NOT_FOUND)
 
 
 @routes.get("/metrics")

@@ -66,3 +66,7 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 REQUEST_ID = web.RequestKey("request_id", str)
 # Set once the request id came from the x-request-id header (then the body's request_id is ignored).
 REQUEST_ID_FROM_HEADER = web.RequestKey("request_id_from_header", bool)
+# The request body as parsed JSON, once read (so /invocations and the route it picks parse it once).
+PARSED_BODY = web.RequestKey("parsed_body", object)
+# The served models' tasks (lateserve.v1 PoolingTask values), from InfoService once, for /invocations.
+MODEL_TASKS = web.AppKey("model_tasks", dict)

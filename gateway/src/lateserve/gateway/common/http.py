@@ -15,7 +15,7 @@ from aiohttp import web
 from lateserve.gateway import errors
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.jsonutil import dumps
-from lateserve.gateway.keys import CONFIG, METRICS, REQUEST_ID, REQUEST_ID_FROM_HEADER
+from lateserve.gateway.keys import CONFIG, METRICS, PARSED_BODY, REQUEST_ID, REQUEST_ID_FROM_HEADER
 from lateserve.gateway.middlewares import route_label
 from lateserve.v1 import common_pb2
 
@@ -34,6 +34,22 @@ async def read_body(request: web.Request, schema: type[M]) -> M:
     aiohttp raises 413 past client_max_size; a pydantic error becomes 400 naming the first bad field.
     The body is parsed once, and measured (`check_limits`) before pydantic builds anything from it.
     """
+    data = await read_json(request)
+    try:
+        body = schema.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise errors.GatewayError.from_api_error(errors.from_validation_error(exc, data)) from exc
+    extra = body.model_extra
+    if extra:
+        logger.debug("ignored request fields: %s", sorted(extra))
+    return body
+
+
+async def read_json(request: web.Request) -> object:
+    """The request body as JSON, measured against the request limits; read and parsed once per request
+    (/invocations parses it to pick a route, whose handler then reads the same object)."""
+    if PARSED_BODY in request:
+        return request[PARSED_BODY]
     if request.content_type.lower() != "application/json":
         raise errors.GatewayError(UNSUPPORTED_MEDIA_TYPE)
     config = request.app[CONFIG]
@@ -46,14 +62,8 @@ async def read_body(request: web.Request, schema: type[M]) -> M:
         ) from None
     data = parse_json(raw)
     check_limits(data, config)
-    try:
-        body = schema.model_validate(data)
-    except pydantic.ValidationError as exc:
-        raise errors.GatewayError.from_api_error(errors.from_validation_error(exc, data)) from exc
-    extra = body.model_extra
-    if extra:
-        logger.debug("ignored request fields: %s", sorted(extra))
-    return body
+    request[PARSED_BODY] = data
+    return data
 
 
 def parse_json(raw: bytes) -> object:
@@ -189,3 +199,8 @@ def count_tokens(request: web.Request, usage: common_pb2.Usage) -> None:
 def json_response(data: Any, *, headers: Mapping[str, str] | None = None, status: int = 200) -> web.Response:
     """A compact JSON response."""
     return web.Response(text=dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def bytes_response(data: bytes, *, headers: Mapping[str, str] | None = None) -> web.Response:
+    """An application/octet-stream response (encoding_format bytes / bytes_only)."""
+    return web.Response(body=data, status=200, content_type="application/octet-stream", headers=headers)

@@ -49,6 +49,13 @@ class MultiModalInput(OpenAIBaseModel):
     content: list[ContentPart]
 
 
+class TextDocument(OpenAIBaseModel):
+    """A Cohere v1 document object, `{"text": ...}` plus any other fields (`rank_fields` picks which are read);
+    a text document. An object with `content` is a MultiModalInput instead."""
+
+    text: str
+
+
 # A query or document of /score and /rerank: a string or {"content": [parts]}.
 ScoreInput = str | MultiModalInput
 ScoreInputs = ScoreInput | list[ScoreInput]
@@ -84,8 +91,17 @@ class PoolingBasicFields(OpenAIBaseModel):
 class EncodingFields(OpenAIBaseModel):
     """vLLM's EncodingRequestMixin: how float outputs are written into the JSON."""
 
-    encoding_format: Literal["float", "base64"] = "float"
-    embed_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = Field(
+        default="float",
+        description="float: nested JSON lists; base64: each item's flattened bytes in base64; bytes: an "
+        "application/octet-stream body of every item's bytes in a row, with a `metadata` header (JSON: id, "
+        "created, model, data [{index, embed_dtype, endianness, start, end, shape}], usage); bytes_only: "
+        "the same body without the header.",
+    )
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = Field(
+        default="float32",
+        description="Element type of base64 / bytes output (fp8 as torch's float8_e4m3fn / float8_e5m2).",
+    )
     endianness: Literal["native", "big", "little"] = "native"
 
 
@@ -149,4 +165,8 @@ class ScoringFields(PoolingBasicFields, ClassifyFields):
         default=None, description="lateserve extension: score mode for models with several (BGE-M3)."
     )
     max_tokens_per_query: int = Field(default=0, description="Refused unless 0 (no per-query truncation).")
-    max_tokens_per_doc: int = Field(default=0, description="Refused unless 0 (no per-document truncation).")
+    max_tokens_per_doc: Int32 = Field(
+        default=0,
+        description="Cohere v2 / vLLM: cut each document's text to its first max_tokens_per_doc tokens (special "
+        "tokens not counted) before scoring; 0: no per-document truncation.",
+    )

@@ -9,6 +9,7 @@ fields lateserve does not honour (UNHONOURED), so nothing a client sets is silen
 from __future__ import annotations
 
 import base64
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -16,11 +17,13 @@ from typing import Any, cast
 import numpy as np
 from pydantic import BaseModel
 
+from lateserve.gateway.common.fp8 import FP8
 from lateserve.gateway.common.protocol import (
     ChatMessage,
     ChatTemplateFields,
     CompletionOrChatFields,
     ContentPart,
+    EncodingFields,
     ImageUrlPart,
     MultiModalInput,
     PoolingBasicFields,
@@ -48,7 +51,6 @@ UNHONOURED: dict[str, tuple[object, str]] = {
     "softmax": (None, "softmax is a removed name of use_activation; send use_activation instead"),
     "activation": (None, "activation is a removed name of use_activation; send use_activation instead"),
     "max_tokens_per_query": (0, "max_tokens_per_query is not supported; use truncate_prompt_tokens"),
-    "max_tokens_per_doc": (0, "max_tokens_per_doc is not supported; use truncate_prompt_tokens"),
 }
 
 
@@ -188,20 +190,12 @@ def _big_endian(endianness: str) -> bool:
     return endianness == "big" or (endianness == "native" and sys.byteorder == "big")
 
 
-def tensor_to_json(
-    tensor: common_pb2.Tensor,
-    *,
-    encoding_format: str = "float",
-    embed_dtype: str = "float32",
-    endianness: str = "native",
-) -> Any:
-    """A Tensor as vLLM writes pooled data.
-
-    "float": nested lists of Python floats (float32 values, any rank). "base64": base64 of the
-    flattened tensor's bytes in `embed_dtype` and the requested byte order.
-    """
-    if encoding_format == "float":
-        return tensors.from_tensor(tensor).tolist()
+def tensor_bytes(tensor: common_pb2.Tensor, *, embed_dtype: str = "float32", endianness: str = "native") -> bytes:
+    """The flattened tensor's bytes in `embed_dtype` and the requested byte order (as vLLM's
+    tensor2binary; fp8 is one byte per element, so the order does not apply)."""
+    fp8 = FP8.get(embed_dtype)
+    if fp8 is not None:
+        return fp8(tensors.from_tensor(tensor)).tobytes()
     wanted = enums.value_of(enums.DTYPES, embed_dtype, "embed_dtype")
     data = tensor.data
     if (tensor.dtype or common_pb2.DTYPE_FLOAT32) != wanted:
@@ -209,12 +203,75 @@ def tensor_to_json(
     if _big_endian(endianness):
         size = tensors.ITEM_SIZE[wanted]
         data = np.frombuffer(data, dtype=f"<u{size}").byteswap().tobytes()
-    return base64.b64encode(data).decode("ascii")
+    return bytes(data)
+
+
+def tensor_to_json(
+    tensor: common_pb2.Tensor,
+    *,
+    encoding_format: str = "float",
+    embed_dtype: str = "float32",
+    endianness: str = "native",
+) -> Any:
+    """A Tensor as vLLM writes pooled data in JSON.
+
+    "float": nested lists of Python floats (float32 values, any rank). "base64": base64 of the
+    flattened tensor's bytes in `embed_dtype` and the requested byte order.
+    """
+    if encoding_format == "float":
+        return tensors.from_tensor(tensor).tolist()
+    return base64.b64encode(tensor_bytes(tensor, embed_dtype=embed_dtype, endianness=endianness)).decode("ascii")
+
+
+BYTES_FORMATS = frozenset({"bytes", "bytes_only"})
+
+
+def bytes_body(
+    tensors_by_index: Sequence[tuple[int, common_pb2.Tensor]],
+    body: EncodingFields,
+    *,
+    response_id: str,
+    created: int,
+    model: str,
+    usage: common_pb2.Usage,
+) -> tuple[bytes, dict[str, str]]:
+    """vLLM's `bytes` / `bytes_only` answer: the items' bytes in a row, and (bytes only) a `metadata`
+    header holding JSON {id, created, model, data: [{index, embed_dtype, endianness, start, end, shape}],
+    usage: {prompt_tokens, total_tokens}}."""
+    chunks: list[bytes] = []
+    items: list[dict[str, Any]] = []
+    offset = 0
+    for index, tensor in tensors_by_index:
+        data = tensor_bytes(tensor, embed_dtype=body.embed_dtype, endianness=body.endianness)
+        chunks.append(data)
+        items.append(
+            {
+                "index": index,
+                "embed_dtype": body.embed_dtype,
+                "endianness": body.endianness,
+                "start": offset,
+                "end": offset + len(data),
+                "shape": [int(d) for d in tensor.shape],
+            }
+        )
+        offset += len(data)
+    headers: dict[str, str] = {}
+    if body.encoding_format == "bytes":
+        metadata = {
+            "id": response_id,
+            "created": created,
+            "model": model,
+            "data": items,
+            "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens},
+        }
+        headers["metadata"] = json.dumps(metadata, separators=(",", ":"))
+    return b"".join(chunks), headers
 
 
 def wire_dtype(encoding_format: str, embed_dtype: str) -> common_pb2.Dtype.ValueType:
-    """The Tensor dtype to ask the server for: embed_dtype matters only for base64 (as vLLM)."""
-    if encoding_format != "base64":
+    """The Tensor dtype to ask the server for: embed_dtype matters only for base64 and bytes (as vLLM);
+    fp8 is made here from float32."""
+    if encoding_format == "float" or embed_dtype in FP8:
         return common_pb2.DTYPE_FLOAT32
     return enums.value_of(enums.DTYPES, embed_dtype, "embed_dtype")
 

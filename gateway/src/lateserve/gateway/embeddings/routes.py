@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from lateserve.gateway.common import http
-from lateserve.gateway.common.translate import timing_headers
+from lateserve.gateway.common.translate import BYTES_FORMATS, bytes_body, timing_headers
 from lateserve.gateway.embeddings.protocol import EmbeddingRequest
 from lateserve.gateway.embeddings.translate import embed_request_to_proto, embed_response_to_json
 from lateserve.gateway.keys import STUBS
@@ -20,5 +20,15 @@ async def embeddings(request: web.Request) -> web.Response:
     message = embed_request_to_proto(body, http.request_id(request, body.request_id))
     response = await request.app[STUBS].embed.Embed(message, metadata=http.grpc_metadata(request))
     http.count_tokens(request, response.usage)
+    if body.encoding_format in BYTES_FORMATS:
+        raw, headers = bytes_body(
+            [(embedding.index, embedding.data) for embedding in response.embeddings],
+            body,
+            response_id=response.id,
+            created=http.created(),
+            model=response.model,
+            usage=response.usage,
+        )
+        return http.bytes_response(raw, headers={**headers, **timing_headers(response.timings)})
     data = embed_response_to_json(response, body, http.created())
     return http.json_response(data, headers=timing_headers(response.timings))

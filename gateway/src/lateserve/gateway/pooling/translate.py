@@ -38,6 +38,12 @@ def with_input_type(body: PoolingRequest) -> PoolingRequest:
 def pool_request_to_proto(body: PoolingRequest, request_id: str) -> pool_service_pb2.PoolRequest:
     """The JSON request as a PoolRequest, every field as sent (the server applies the rules)."""
     common.refuse_unhonoured(body)
+    if body.return_lexical_weights and body.encoding_format in common.BYTES_FORMATS:
+        raise GatewayError(
+            f"return_lexical_weights needs a JSON answer; encoding_format {body.encoding_format!r} has no place "
+            "for the weights (use float or base64)",
+            param="encoding_format",
+        )
     body = with_input_type(body)
     inputs, messages, chat = common.completion_or_chat_to_proto(body)
     return pool_service_pb2.PoolRequest(

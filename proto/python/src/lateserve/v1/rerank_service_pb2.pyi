@@ -33,6 +33,7 @@ class RerankRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SCORE_MODE_FIELD_NUMBER: _builtins.int
     USE_ACTIVATION_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_PER_DOC_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model. An unknown name is NOT_FOUND."""
     top_n: _builtins.int
@@ -51,6 +52,12 @@ class RerankRequest(_message.Message):
     use_activation: _builtins.bool
     """Cross-encoders: apply the classifier's activation (sigmoid for one label) to the score; unset
     means true, as vLLM's use_activation. false returns the raw logit. Other kinds ignore it.
+    """
+    max_tokens_per_doc: _builtins.int
+    """Cohere v2's max_tokens_per_doc: when > 0, each text document (and each text part of a
+    multimodal document) is cut to its first max_tokens_per_doc tokens (special tokens not
+    counted) before it is encoded. Unset or 0: no per-document truncation. Negative is
+    INVALID_ARGUMENT with field max_tokens_per_doc.
     """
     @_builtins.property
     def query(self) -> _common_pb2.Input:
@@ -75,15 +82,20 @@ class RerankRequest(_message.Message):
         request_id: _builtins.str = ...,
         score_mode: _builtins.str = ...,
         use_activation: _builtins.bool | None = ...,
+        max_tokens_per_doc: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_top_n", b"_top_n", "_use_activation", b"_use_activation", "options", b"options", "query", b"query", "top_n", b"top_n", "use_activation", b"use_activation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc", "_top_n", b"_top_n", "_use_activation", b"_use_activation", "max_tokens_per_doc", b"max_tokens_per_doc", "options", b"options", "query", b"query", "top_n", b"top_n", "use_activation", b"use_activation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_n", b"_top_n", "_use_activation", b"_use_activation", "documents", b"documents", "model", b"model", "options", b"options", "query", b"query", "request_id", b"request_id", "score_mode", b"score_mode", "top_n", b"top_n", "use_activation", b"use_activation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc", "_top_n", b"_top_n", "_use_activation", b"_use_activation", "documents", b"documents", "max_tokens_per_doc", b"max_tokens_per_doc", "model", b"model", "options", b"options", "query", b"query", "request_id", b"request_id", "score_mode", b"score_mode", "top_n", b"top_n", "use_activation", b"use_activation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_tokens_per_doc: _TypeAlias = _typing.Literal["max_tokens_per_doc"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens_per_doc: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc"]  # noqa: Y015
     _WhichOneofReturnType__top_n: _TypeAlias = _typing.Literal["top_n"]  # noqa: Y015
     _WhichOneofArgType__top_n: _TypeAlias = _typing.Literal["_top_n", b"_top_n"]  # noqa: Y015
     _WhichOneofReturnType__use_activation: _TypeAlias = _typing.Literal["use_activation"]  # noqa: Y015
     _WhichOneofArgType__use_activation: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens_per_doc) -> _WhichOneofReturnType__max_tokens_per_doc | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_n) -> _WhichOneofReturnType__top_n | None: ...
     @_typing.overload

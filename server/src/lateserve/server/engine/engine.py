@@ -255,7 +255,7 @@ class Engine:
                     f"This model's maximum context length is {limit} tokens. However, your prompt contains at "
                     f"least {n} input tokens, which exceeds this limit even without any output tokens. Please "
                     f"reduce the length of the input prompt. (parameter=input_tokens, value={n})",
-                    field="input_tokens",
+                    field=f"{field}[{index}]",
                     metadata={"maxModelLen": str(limit), "inputTokens": str(n), "item": f"{field}[{index}]"},
                 )
 

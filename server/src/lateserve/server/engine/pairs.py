@@ -27,7 +27,10 @@ from lateserve.server.domain import (
     Item,
     LexicalSpec,
     ModelKind,
+    MultiModalItem,
     Task,
+    TextItem,
+    TextPart,
     Timings,
     Unimplemented,
 )
@@ -65,6 +68,25 @@ class PairScores:
     prompt_tokens: int
     timings: Timings
     maps: list[list[SimilarityMap]] | None = None
+
+
+def truncate_documents(engine: Engine, documents: Seq[Item], max_tokens: int) -> list[Item]:
+    """Each text document (and each text part of a multimodal one) cut to its first `max_tokens`
+    tokens, special tokens not counted (vLLM's max_tokens_per_doc); other items as they are."""
+    processor = engine.processor
+    out: list[Item] = []
+    for item in documents:
+        if isinstance(item, TextItem):
+            out.append(TextItem(processor.truncate_text(item.text, max_tokens)))
+        elif isinstance(item, MultiModalItem):
+            parts = tuple(
+                TextPart(processor.truncate_text(p.text, max_tokens)) if isinstance(p, TextPart) else p
+                for p in item.parts
+            )
+            out.append(MultiModalItem(parts))
+        else:
+            out.append(item)
+    return out
 
 
 async def _encode_sides(
@@ -180,9 +202,18 @@ async def score_pairs(
     *,
     use_activation: bool = True,
     similarity_maps: bool = False,
+    max_tokens_per_doc: int = 0,
 ) -> PairScores:
-    """Pair (1:1, 1:N, N:N) and score; a shared query is encoded once and counted once in usage."""
+    """Pair (1:1, 1:N, N:N) and score; a shared query is encoded once and counted once in usage.
+    `max_tokens_per_doc` > 0 cuts each document's text to that many tokens first (off the event loop)."""
     pairs = pair_indices(len(queries), len(documents))
+    if max_tokens_per_doc < 0:
+        raise InvalidArgument(
+            f"max_tokens_per_doc must be >= 0 (0: no truncation), got {max_tokens_per_doc}",
+            field="max_tokens_per_doc",
+        )
+    if max_tokens_per_doc > 0:
+        documents = await engine.prepare(truncate_documents, engine, documents, max_tokens_per_doc)
     if similarity_maps and (engine.spec.kind != ModelKind.LATE_INTERACTION or score_mode):
         raise InvalidArgument(
             "return_similarity_maps needs a late-interaction model scoring by MaxSim", field="return_similarity_maps"

@@ -81,6 +81,12 @@ class InputProcessor(ABC):
 
         raise Unimplemented("this model does not score joint (query, document) pairs")
 
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        """`text` cut to its first `max_tokens` tokens, special tokens not counted (max_tokens_per_doc).
+        This default goes through token ids; families with a tokenizer keep the original prefix."""
+        ids = self.tokenize(text, False)
+        return text if len(ids) <= max_tokens else self.detokenize(ids[:max_tokens])
+
     @abstractmethod
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         """Plain tokenization for /tokenize."""

@@ -215,6 +215,9 @@ class BertProcessor(InputProcessor):
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        return self._tokenizer.truncate_text(text, max_tokens)
+
     def token_strings(self, ids: Seq[int]) -> list[str]:
         self._check_ids(ids, len(self._tokenizer), field="tokens")
         return [str(t) for t in self._tokenizer.convert_ids_to_tokens(ids)]

@@ -151,6 +151,16 @@ class TextTokenizer:
                 raise ValueError(f"cannot truncate to {max_length} tokens: {exc}") from exc
         return _encoded(encoding)
 
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        """`text` cut after its first `max_tokens` tokens (special tokens not counted), by the tokens'
+        character offsets, so the kept text is the original's prefix; unchanged when it is shorter."""
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        if len(encoding.ids) <= max_tokens:
+            return text
+        if max_tokens <= 0:
+            return ""
+        return text[: encoding.offsets[max_tokens - 1][1]]
+
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[Encoded]:
         """Many texts in one call into the Rust pipeline (it parallelises; the Python loop is the cost)."""
         return [_encoded(e) for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]

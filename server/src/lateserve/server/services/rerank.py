@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from lateserve.server.domain import InvalidArgument
+from lateserve.server.domain import InvalidArgument, LateserveError
 from lateserve.server.engine.pairs import score_pairs
 from lateserve.server.rpc import rpc_method
 from lateserve.server.services.convert import (
@@ -34,6 +34,23 @@ def ranked(scores: list[float], top_n: int | None) -> list[int]:
     return order
 
 
+_QUERIES0 = "queries[0]"
+
+
+def query_path(exc: LateserveError) -> None:
+    """The scoring engine sees the one query as `queries[0]`; RerankRequest calls it `query`.
+
+    >>> e = LateserveError("x", field="queries[0].content[1]", metadata={"item": "queries[0]"})
+    >>> query_path(e); e.field, e.metadata["item"]
+    ('query.content[1]', 'query')
+    """
+    if exc.field and exc.field.startswith(_QUERIES0):
+        exc.field = "query" + exc.field[len(_QUERIES0) :]
+    item = exc.metadata.get("item")
+    if item and item.startswith(_QUERIES0):
+        exc.metadata["item"] = "query" + item[len(_QUERIES0) :]
+
+
 class RerankServicer(pb_grpc.RerankServiceServicer):
     def __init__(self, model: ServedModel) -> None:
         self.model = model
@@ -43,14 +60,19 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
         self.model.check(request.model)
         if not request.HasField("query"):
             raise InvalidArgument("query is required", field="query")
-        result = await score_pairs(
-            self.model.engine,
-            [item_from_proto(request.query, "query")],
-            items_from_proto(request.documents, "documents"),
-            options_from_proto(request.options),
-            request.score_mode,
-            use_activation=request.use_activation if request.HasField("use_activation") else True,
-        )
+        try:
+            result = await score_pairs(
+                self.model.engine,
+                [item_from_proto(request.query, "query")],
+                items_from_proto(request.documents, "documents"),
+                options_from_proto(request.options),
+                request.score_mode,
+                use_activation=request.use_activation if request.HasField("use_activation") else True,
+                max_tokens_per_doc=request.max_tokens_per_doc,
+            )
+        except LateserveError as exc:
+            query_path(exc)
+            raise
         top_n = request.top_n if request.HasField("top_n") else None
         return pb.RerankResponse(
             id=f"score-{request_id(request.request_id)}",

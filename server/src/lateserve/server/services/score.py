@@ -51,6 +51,7 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
             options_from_proto(request.options),
             request.score_mode,
             use_activation=request.use_activation if request.HasField("use_activation") else True,
+            max_tokens_per_doc=request.max_tokens_per_doc,
             similarity_maps=request.return_similarity_maps,
         )
         return pb.ScoreResponse(
