@@ -156,7 +156,8 @@ def test_pooling_needs_input_or_messages() -> None:
 
 @pytest.mark.parametrize(
     # bytes / bytes_only and fp8 are served now (issue 11); names vLLM lacks are still refused.
-    ("field", "value"), [("encoding_format", "npy"), ("embed_dtype", "int8"), ("endianness", "middle")]
+    ("field", "value"),
+    [("encoding_format", "npy"), ("embed_dtype", "int8"), ("endianness", "middle")],
 )
 def test_pooling_encoding_choices(field: str, value: str) -> None:
     payload = {"input": "x", field: value}

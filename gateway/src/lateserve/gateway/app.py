@@ -15,11 +15,11 @@ import grpc
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from lateserve.gateway import health
+from lateserve.gateway import health, openapi
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.embeddings.routes import routes as embeddings_routes
 from lateserve.gateway.invocations.routes import routes as invocations_routes
-from lateserve.gateway.keys import CHANNEL, CONFIG, METRICS, MODEL_TASKS, STUBS, Stubs
+from lateserve.gateway.keys import CHANNEL, CONFIG, METRICS, MODEL_TASKS, OPENAPI, STUBS, Stubs
 from lateserve.gateway.metrics import GatewayMetrics
 from lateserve.gateway.middlewares import TRIMMER, MemoryTrimmer, error_middleware, metrics_middleware
 from lateserve.gateway.pooling.routes import routes as pooling_routes
@@ -62,6 +62,7 @@ def create_app(config: GatewayConfig, stubs: Stubs | None = None) -> web.Applica
     app[METRICS] = GatewayMetrics()
     app[TRIMMER] = MemoryTrimmer()
     app[MODEL_TASKS] = {}
+    app[OPENAPI] = {}
     if stubs is None:
         app.cleanup_ctx.append(grpc_channel_ctx)
     else:
@@ -74,6 +75,7 @@ def create_app(config: GatewayConfig, stubs: Stubs | None = None) -> web.Applica
         tokenize_routes,
         invocations_routes,
         health.routes,
+        openapi.routes,
     ):
         app.add_routes(table)
     return app

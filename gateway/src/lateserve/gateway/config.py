@@ -23,6 +23,13 @@ class GatewayConfig:
         header_timeout_s: Seconds a connection has to complete a request head once its first byte came.
         body_timeout_s: Seconds a handler waits for the whole body (408, connection closed).
         keepalive_timeout_s: Seconds an idle connection is kept open.
+        api_key: When set, every route but /health, /ping, /version and /metrics needs
+            `Authorization: Bearer <api_key>` (401 otherwise); None: no key (vLLM's --api-key).
+        ssl_certfile / ssl_keyfile: HTTPS with this certificate chain and key (vLLM's names); unset: HTTP.
+        grpc_ssl_ca_certfile: Sidecar only: verify the gRPC server against this CA (TLS channel);
+            with grpc_ssl_certfile / grpc_ssl_keyfile also present a client certificate (mutual TLS).
+        forward_authorization: Sidecar only: send the caller's Authorization header on as gRPC
+            `authorization` metadata (the gRPC server checks the key).
     """
 
     grpc_target: str
@@ -37,3 +44,10 @@ class GatewayConfig:
     header_timeout_s: float = 15.0
     body_timeout_s: float = 60.0
     keepalive_timeout_s: float = 75.0
+    api_key: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    grpc_ssl_ca_certfile: str | None = None
+    grpc_ssl_certfile: str | None = None
+    grpc_ssl_keyfile: str | None = None
+    forward_authorization: bool = True

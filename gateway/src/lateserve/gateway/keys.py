@@ -70,3 +70,5 @@ REQUEST_ID_FROM_HEADER = web.RequestKey("request_id_from_header", bool)
 PARSED_BODY = web.RequestKey("parsed_body", object)
 # The served models' tasks (lateserve.v1 PoolingTask values), from InfoService once, for /invocations.
 MODEL_TASKS = web.AppKey("model_tasks", dict)
+# The OpenAPI document, built on first request (openapi.py).
+OPENAPI = web.AppKey("openapi", dict)
