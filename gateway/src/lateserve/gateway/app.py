@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,7 +23,13 @@ from lateserve.gateway.embeddings.routes import routes as embeddings_routes
 from lateserve.gateway.invocations.routes import routes as invocations_routes
 from lateserve.gateway.keys import CHANNEL, CONFIG, METRICS, MODEL_TASKS, OPENAPI, STUBS, Stubs
 from lateserve.gateway.metrics import GatewayMetrics
-from lateserve.gateway.middlewares import TRIMMER, MemoryTrimmer, error_middleware, metrics_middleware
+from lateserve.gateway.middlewares import (
+    TRIMMER,
+    MemoryTrimmer,
+    auth_middleware,
+    error_middleware,
+    metrics_middleware,
+)
 from lateserve.gateway.pooling.routes import routes as pooling_routes
 from lateserve.gateway.rerank.routes import routes as rerank_routes
 from lateserve.gateway.score.routes import routes as score_routes
@@ -40,10 +48,42 @@ def channel_options(config: GatewayConfig) -> list[tuple[str, int]]:
     ]
 
 
+def channel_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the sidecar's channel: the CA to verify the server by (--grpc-ssl-ca-certfile;
+    else the system's roots) and, for mutual TLS, the client certificate and key. None: plaintext."""
+    if not (config.grpc_ssl_ca_certfile or config.grpc_ssl_certfile):
+        return None
+    if bool(config.grpc_ssl_certfile) != bool(config.grpc_ssl_keyfile):
+        raise ValueError("--grpc-ssl-certfile and --grpc-ssl-keyfile go together")
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(config.grpc_ssl_ca_certfile),
+        private_key=read(config.grpc_ssl_keyfile),
+        certificate_chain=read(config.grpc_ssl_certfile),
+    )
+
+
+def server_ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    """HTTPS for the gateway (--ssl-certfile / --ssl-keyfile, vLLM's names), TLS 1.2 or newer; None: HTTP."""
+    if not config.ssl_certfile:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    return context
+
+
 async def grpc_channel_ctx(app: web.Application) -> AsyncIterator[None]:
     """Opens the grpc.aio channel (on the running loop) and its stubs; closes it on cleanup."""
     config = app[CONFIG]
-    channel = grpc.aio.insecure_channel(config.grpc_target, options=channel_options(config))
+    credentials = channel_credentials(config)
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(config.grpc_target, options=channel_options(config))
+    else:
+        channel = grpc.aio.secure_channel(config.grpc_target, credentials, options=channel_options(config))
     app[CHANNEL] = channel
     app[STUBS] = Stubs.from_channel(channel)
     try:
@@ -57,7 +97,9 @@ def create_app(config: GatewayConfig, stubs: Stubs | None = None) -> web.Applica
 
     `stubs` replaces the gRPC channel to `config.grpc_target` (the server passes its servicers when
     the gateway runs in its process; they take and return the same lateserve.v1 messages)."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware, metrics_middleware])
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[error_middleware, metrics_middleware, auth_middleware]
+    )
     app[CONFIG] = config
     app[METRICS] = GatewayMetrics()
     app[TRIMMER] = MemoryTrimmer()
@@ -167,8 +209,9 @@ async def start_gateway(
         shutdown_timeout=shutdown_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=server_ssl_context(config))
     await site.start()
     target = config.grpc_target if stubs is None else "the servicers in this process"
-    logger.info("gateway listening on %s, forwarding to %s", runner.addresses, target)
+    scheme = "https" if config.ssl_certfile else "http"
+    logger.info("gateway listening (%s) on %s, forwarding to %s", scheme, runner.addresses, target)
     return runner

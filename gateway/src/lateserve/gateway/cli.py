@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Sequence
 
@@ -34,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--http-header-timeout", type=float, default=15.0, help="seconds to complete a request head")
     limits.add_argument("--http-body-timeout", type=float, default=60.0, help="seconds to receive a request body")
     limits.add_argument("--http-keepalive-timeout", type=float, default=75.0, help="seconds an idle connection stays")
+    security = parser.add_argument_group("security (README 'Security')")
+    security.add_argument(
+        "--api-key",
+        default=os.environ.get("LATESERVE_API_KEY") or None,
+        help="require `Authorization: Bearer <key>` (env LATESERVE_API_KEY); also sent to the gRPC server. "
+        "Without it the caller's Authorization header is forwarded to the gRPC server",
+    )
+    security.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM)")
+    security.add_argument("--ssl-keyfile", default=None, help="the private key (PEM) of --ssl-certfile")
+    security.add_argument("--grpc-ssl-ca-certfile", default=None, help="TLS to the gRPC server, verified by this CA")
+    security.add_argument("--grpc-ssl-certfile", default=None, help="client certificate for mutual TLS to gRPC")
+    security.add_argument("--grpc-ssl-keyfile", default=None, help="the private key of --grpc-ssl-certfile")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -53,6 +66,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         header_timeout_s=args.http_header_timeout,
         body_timeout_s=args.http_body_timeout,
         keepalive_timeout_s=args.http_keepalive_timeout,
+        api_key=args.api_key,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        grpc_ssl_ca_certfile=args.grpc_ssl_ca_certfile,
+        grpc_ssl_certfile=args.grpc_ssl_certfile,
+        grpc_ssl_keyfile=args.grpc_ssl_keyfile,
     )
 
 

@@ -34,6 +34,7 @@ _BY_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, BAD_REQUEST),
     grpc.StatusCode.OUT_OF_RANGE: (400, BAD_REQUEST),
     grpc.StatusCode.NOT_FOUND: (404, "NotFoundError"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, UNAUTHORIZED),
     grpc.StatusCode.UNIMPLEMENTED: (501, "NotImplementedError"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "RateLimitError"),
     grpc.StatusCode.UNAVAILABLE: (503, "ServiceUnavailableError"),
@@ -56,6 +57,7 @@ _FIXED_PARAM: dict[str, str] = {wire_status.INPUT_TOO_LONG: "input_tokens"}
 # HTTP status -> type, for errors raised by aiohttp itself (routing, body limit).
 _BY_HTTP_STATUS: dict[int, str] = {
     400: BAD_REQUEST,
+    401: UNAUTHORIZED,
     404: "NotFoundError",
     405: "MethodNotAllowedError",
     408: TIMEOUT,

@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
+import hmac
 import logging
 import time
 import uuid
@@ -159,3 +160,32 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
             elapsed * 1e3,
             request[REQUEST_ID],
         )
+
+
+# Routes open without the API key: health probes, the version and Prometheus scrapes.
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
+
+
+def bearer_matches(header: str | None, api_key: str) -> bool:
+    """True when `header` is "Bearer <api_key>" (scheme case-insensitive); the key is compared in
+    constant time (hmac.compare_digest), so its bytes cannot be found by timing answers.
+
+    >>> bearer_matches("Bearer k1", "k1"), bearer_matches("Bearer k2", "k1"), bearer_matches(None, "k1")
+    (True, False, False)
+    """
+    scheme, _, token = (header or "").strip().partition(" ")
+    same = hmac.compare_digest(token.strip().encode(), api_key.encode())
+    return same and scheme.lower() == "bearer"
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With --api-key: `Authorization: Bearer <key>` on every route but PUBLIC_PATHS, else 401 in vLLM's
+    envelope (raised into the error middleware). Without a key configured it does nothing."""
+    api_key = request.app[CONFIG].api_key
+    presented = request.headers.get("Authorization")
+    if api_key and request.path not in PUBLIC_PATHS and not bearer_matches(presented, api_key):
+        error = errors.GatewayError("Unauthorized", status=401, type=errors.UNAUTHORIZED)
+        error.api_error.headers["WWW-Authenticate"] = "Bearer"
+        raise error
+    return await handler(request)

@@ -24,13 +24,14 @@ from lateserve.gateway import responses
 from lateserve.gateway.embeddings.protocol import EmbeddingRequest
 from lateserve.gateway.errors import GatewayError
 from lateserve.gateway.keys import CONFIG, OPENAPI
+from lateserve.gateway.middlewares import PUBLIC_PATHS
 from lateserve.gateway.pooling.protocol import PoolingRequest
 from lateserve.gateway.rerank.protocol import RerankRequest
 from lateserve.gateway.score.protocol import ScoreRequest
 from lateserve.gateway.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 
-# Routes anyone may call without an API key (also in auth.PUBLIC_PATHS).
-PUBLIC = frozenset({"/health", "/ping", "/version", "/metrics"})
+# Routes anyone may call without an API key: the ones the auth middleware lets through.
+PUBLIC = PUBLIC_PATHS
 
 _ERROR_TEXT = {
     400: "Bad request: invalid JSON or fields, over a request limit, input too long, unsupported task",

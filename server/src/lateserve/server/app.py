@@ -30,7 +30,7 @@ from lateserve.server.domain import ModelKind, ModelLoadError, ModelSpec, Task
 from lateserve.server.engine.engine import Engine
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.server.health import ALL_SERVICES, HealthState
-from lateserve.server.rpc import DecodeErrors
+from lateserve.server.rpc import ApiKeyAuth, DecodeErrors
 from lateserve.server.scheduler.batcher import Batcher, Ticket
 from lateserve.server.scheduler.queue import BatchQueue
 from lateserve.server.services.convert import LimitedServicer, MemoryTrimmer, RequestLimits, ServedModel
@@ -73,6 +73,7 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
+        cfg.check_tls()
         model = cfg.model or default_model_path()
         name = cfg.served_model_name or cfg.model or DEFAULT_SERVED_NAME
         source = load_source(
@@ -147,7 +148,7 @@ class Server:
         await self._health.update(0)
         self.pool.add_listener(self._on_pool_change)
         self._grpc = self._build_grpc(served, info)
-        self.grpc_port = self._grpc.add_insecure_port(f"{cfg.grpc_host}:{cfg.grpc_port}")
+        self.grpc_port = self._add_port(self._grpc)
         await self._grpc.start()
         self._batcher.start()
         try:
@@ -198,9 +199,28 @@ class Server:
             ("grpc.server_handshake_timeout_ms", ms(cfg.http_header_timeout)),
         ]
 
+    def _add_port(self, server: grpc.aio.Server) -> int:
+        """The gRPC port: TLS with --grpc-ssl-certfile/-keyfile (mutual TLS with --grpc-ssl-ca-certfile),
+        plaintext otherwise."""
+        cfg = self.config
+        address = f"{cfg.grpc_host}:{cfg.grpc_port}"
+        if not cfg.grpc_ssl_certfile:
+            return server.add_insecure_port(address)
+        assert cfg.grpc_ssl_keyfile is not None
+        ca = Path(cfg.grpc_ssl_ca_certfile).read_bytes() if cfg.grpc_ssl_ca_certfile else None
+        credentials = grpc.ssl_server_credentials(
+            [(Path(cfg.grpc_ssl_keyfile).read_bytes(), Path(cfg.grpc_ssl_certfile).read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+        return server.add_secure_port(address, credentials)
+
     def _build_grpc(self, served: ServedModel, info: info_service_pb2.GetInfoResponse) -> grpc.aio.Server:
         cfg = self.config
-        server = grpc.aio.server(interceptors=[DecodeErrors()], options=self.grpc_options())
+        # The key check comes first, before the request bytes are even decoded.
+        interceptors: list[grpc.aio.ServerInterceptor] = [ApiKeyAuth(cfg.api_key)] if cfg.api_key else []
+        interceptors.append(DecodeErrors())
+        server = grpc.aio.server(interceptors=interceptors, options=self.grpc_options())
         assert self._health is not None
         limits = RequestLimits(
             max_input_chars=cfg.max_input_chars,
@@ -254,6 +274,11 @@ class Server:
                 header_timeout_s=cfg.http_header_timeout,
                 body_timeout_s=cfg.http_body_timeout,
                 keepalive_timeout_s=cfg.http_keepalive_timeout,
+                # In process the gateway calls the servicers directly (no interceptor), so it checks the
+                # key itself on every HTTP request: once, and never bypassed.
+                api_key=cfg.api_key,
+                ssl_certfile=cfg.ssl_certfile,
+                ssl_keyfile=cfg.ssl_keyfile,
             ),
             stubs=direct_stubs(**self._servicers),
         )

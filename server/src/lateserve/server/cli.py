@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -128,12 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--grpc-min-ping-interval", type=float, default=10.0, help="least seconds between client pings accepted"
     )
+    security = serve.add_argument_group("security (README 'Security')")
+    security.add_argument(
+        "--api-key",
+        default=os.environ.get("LATESERVE_API_KEY") or None,
+        help="require `Authorization: Bearer <key>` over HTTP and `authorization` metadata over gRPC "
+        "(env LATESERVE_API_KEY); /health, /ping, /version, /metrics, gRPC health and reflection stay open",
+    )
+    security.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM)")
+    security.add_argument("--ssl-keyfile", default=None, help="the private key (PEM) of --ssl-certfile")
+    security.add_argument("--grpc-ssl-certfile", default=None, help="serve gRPC over TLS with this certificate (PEM)")
+    security.add_argument("--grpc-ssl-keyfile", default=None, help="the private key (PEM) of --grpc-ssl-certfile")
+    security.add_argument(
+        "--grpc-ssl-ca-certfile", default=None, help="mutual TLS: gRPC clients must present a certificate of this CA"
+    )
     serve.add_argument("--log-level", default="INFO")
     gw = sub.add_parser("gateway", help="run only the HTTP gateway in front of a gRPC server")
     gw.add_argument("--grpc-target", default="127.0.0.1:50051")
     gw.add_argument("--host", default="0.0.0.0")
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--max-body-mb", type=int, default=32)
+    gw.add_argument("--api-key", default=None, help="as `lateserve serve --api-key` (env LATESERVE_API_KEY)")
+    gw.add_argument("--ssl-certfile", default=None)
+    gw.add_argument("--ssl-keyfile", default=None)
+    gw.add_argument("--grpc-ssl-ca-certfile", default=None, help="TLS to the gRPC server, verified by this CA")
+    gw.add_argument("--grpc-ssl-certfile", default=None, help="client certificate for mutual TLS")
+    gw.add_argument("--grpc-ssl-keyfile", default=None, help="the private key of --grpc-ssl-certfile")
     gw.add_argument("--log-level", default="INFO")
     return parser
 
@@ -154,6 +175,15 @@ def _media_policy(ns: argparse.Namespace) -> MediaPolicy:
 
 
 def config_from_args(ns: argparse.Namespace) -> ServerConfig:
+    config = _config(ns)
+    try:
+        config.check_tls()
+    except ValueError as exc:
+        raise SystemExit(f"lateserve: {exc}") from exc
+    return config
+
+
+def _config(ns: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model=ns.model,
         served_model_name=ns.served_model_name,
@@ -199,6 +229,12 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         grpc_max_connection_age=ns.grpc_max_connection_age,
         grpc_max_connection_age_grace=ns.grpc_max_connection_age_grace,
         grpc_min_ping_interval=ns.grpc_min_ping_interval,
+        api_key=ns.api_key,
+        ssl_certfile=ns.ssl_certfile,
+        ssl_keyfile=ns.ssl_keyfile,
+        grpc_ssl_certfile=ns.grpc_ssl_certfile,
+        grpc_ssl_keyfile=ns.grpc_ssl_keyfile,
+        grpc_ssl_ca_certfile=ns.grpc_ssl_ca_certfile,
     )
 
 
@@ -224,10 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     if ns.command == "gateway":
         from lateserve.gateway.cli import main as gateway_main
 
-        gateway_main(
-            ["--grpc-target", ns.grpc_target, "--host", ns.host, "--port", str(ns.port), "--max-body-mb",
-             str(ns.max_body_mb)]
-        )  # fmt: skip
+        argv = ["--grpc-target", ns.grpc_target, "--host", ns.host, "--port", str(ns.port), "--max-body-mb",
+                str(ns.max_body_mb)]  # fmt: skip
+        for flag in ("api_key", "ssl_certfile", "ssl_keyfile", "grpc_ssl_ca_certfile", "grpc_ssl_certfile",
+                     "grpc_ssl_keyfile"):  # fmt: skip
+            if getattr(ns, flag):
+                argv += [f"--{flag.replace('_', '-')}", getattr(ns, flag)]
+        gateway_main(argv)
         return
     try:
         asyncio.run(serve(config_from_args(ns)))

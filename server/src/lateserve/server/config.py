@@ -83,6 +83,32 @@ class ServerConfig:
     """Seconds calls in flight get to finish once a connection reached its maximum age."""
     grpc_min_ping_interval: float = 10.0
     """Least seconds between client pings the server tolerates (more often: GOAWAY too_many_pings)."""
+    api_key: str | None = None
+    """vLLM's --api-key (or LATESERVE_API_KEY): HTTP `Authorization: Bearer <key>` on every route but /health,
+    /ping, /version, /metrics; gRPC `authorization` metadata on every service but health and reflection."""
+    ssl_certfile: str | None = None
+    """HTTPS: the certificate chain (PEM) of the gateway (vLLM's --ssl-certfile); unset: plain HTTP."""
+    ssl_keyfile: str | None = None
+    """HTTPS: the private key (PEM) of ssl_certfile (vLLM's --ssl-keyfile)."""
+    grpc_ssl_certfile: str | None = None
+    """gRPC over TLS: the server's certificate chain (PEM); unset: plaintext gRPC."""
+    grpc_ssl_keyfile: str | None = None
+    """gRPC over TLS: the private key (PEM) of grpc_ssl_certfile."""
+    grpc_ssl_ca_certfile: str | None = None
+    """gRPC mutual TLS: clients must present a certificate signed by this CA (PEM)."""
+
+    def check_tls(self) -> None:
+        """Refuse TLS settings that cannot work, before anything starts."""
+        if bool(self.grpc_ssl_certfile) != bool(self.grpc_ssl_keyfile):
+            raise ValueError("--grpc-ssl-certfile and --grpc-ssl-keyfile go together")
+        if self.grpc_ssl_ca_certfile and not self.grpc_ssl_certfile:
+            raise ValueError("--grpc-ssl-ca-certfile (mutual TLS) needs --grpc-ssl-certfile and --grpc-ssl-keyfile")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile")
+        for name in ("ssl_certfile", "ssl_keyfile", "grpc_ssl_certfile", "grpc_ssl_keyfile", "grpc_ssl_ca_certfile"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
 
 
 def default_model_path() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -145,3 +146,79 @@ class DecodeErrors(grpc.aio.ServerInterceptor):
                 stream_behavior, request_deserializer=None, response_serializer=handler.response_serializer
             )
         return handler
+
+
+# Services anyone may call without the API key: health checks and reflection (as the HTTP side's /health).
+PUBLIC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                   "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
+UNAUTHENTICATED = "UNAUTHENTICATED"
+
+
+def key_matches(presented: str | None, api_key: str) -> bool:
+    """True when `presented` is "Bearer <api_key>" (case-insensitive scheme), compared in constant time.
+
+    >>> key_matches("Bearer s3", "s3"), key_matches("bearer s3", "s3"), key_matches("Bearer s4", "s3")
+    (True, True, False)
+    >>> key_matches(None, "s3"), key_matches("s3", "s3")
+    (False, False)
+    """
+    scheme, _, token = (presented or "").strip().partition(" ")
+    ok_scheme = scheme.lower() == "bearer"
+    return hmac.compare_digest(token.strip().encode(), api_key.encode()) and ok_scheme
+
+
+class ApiKeyAuth(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer <key>` metadata on every call but health and reflection; UNAUTHENTICATED
+    (ErrorInfo reason UNAUTHENTICATED) otherwise. The refusal answers in the method's own shape, so a
+    streaming call fails like a unary one, before the servicer runs."""
+
+    def __init__(self, api_key: str) -> None:
+        if not api_key:
+            raise ValueError("ApiKeyAuth needs a non-empty key")
+        self._api_key = api_key
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = getattr(details, "method", "") or ""
+        handler = await continuation(details)
+        if handler is None or method.startswith(PUBLIC_SERVICES):
+            return handler
+        presented = None
+        for key, value in getattr(details, "invocation_metadata", None) or ():
+            if key == "authorization":
+                presented = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        if key_matches(presented, self._api_key):
+            return handler
+        refusal = rpc_status.to_status(
+            pack_status(
+                ErrorDetails(
+                    code=grpc.StatusCode.UNAUTHENTICATED,
+                    message="Unauthorized: send the API key as `authorization: Bearer <key>` metadata",
+                    reason=UNAUTHENTICATED,
+                )
+            )
+        )
+        metrics.REQUESTS.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await context.abort_with_status(refusal)
+
+        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            await context.abort_with_status(refusal)
+            yield  # pragma: no cover - abort raises
+
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)

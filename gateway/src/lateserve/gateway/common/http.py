@@ -182,8 +182,19 @@ def request_id(request: web.Request, body_request_id: str | None = None) -> str:
 
 
 def grpc_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
-    """Metadata sent with every gRPC call: the request id, for the server's logs."""
-    return (("x-request-id", request[REQUEST_ID]),)
+    """Metadata sent with every gRPC call: the request id, for the server's logs, and the credential.
+
+    With --api-key the HTTP side has already checked the caller (or the route is public), so the
+    gateway's own key goes on; without one, the caller's Authorization header is forwarded as is, so a
+    sidecar in front of a server with --api-key passes the caller's key on for the server to check."""
+    config = request.app[CONFIG]
+    metadata: tuple[tuple[str, str], ...] = (("x-request-id", request[REQUEST_ID]),)
+    if config.api_key:
+        return (*metadata, ("authorization", f"Bearer {config.api_key}"))
+    caller = request.headers.get("Authorization")
+    if caller and config.forward_authorization:
+        return (*metadata, ("authorization", caller))
+    return metadata
 
 
 def created() -> int:
