@@ -38,6 +38,13 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.response_bytes = Counter(
+            "lateserve_http_response_bytes",
+            "Response body bytes sent, by route template.",
+            ["route"],
+            registry=self.registry,
+        )
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its Content-Type: this app's HTTP metrics, then the process-wide
         default registry (the server's lateserve_* metrics when `lateserve serve` runs the gateway

@@ -140,6 +140,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await handler(request)
         status = response.status
+        if response.content_length:
+            metrics.response_bytes.labels(route).inc(response.content_length)
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from grpc_reflection.v1alpha import reflection
 
-from lateserve.server import metrics
+from lateserve.server import metrics, tracing
 from lateserve.server.config import (
     DEFAULT_SERVED_NAME,
     ServerConfig,
@@ -74,6 +74,9 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         cfg.check_tls()
+        if cfg.otlp_traces_endpoint:
+            tracing.setup(cfg.otlp_traces_endpoint)
+            log.info("exporting traces to %s", cfg.otlp_traces_endpoint)
         model = cfg.model or default_model_path()
         name = cfg.served_model_name or cfg.model or DEFAULT_SERVED_NAME
         source = load_source(
@@ -309,3 +312,5 @@ class Server:
             await self.pool.stop()
         if self.engine is not None:
             self.engine.close()
+        if self.config.otlp_traces_endpoint:
+            tracing.shutdown()

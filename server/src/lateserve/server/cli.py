@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument(
         "--grpc-ssl-ca-certfile", default=None, help="mutual TLS: gRPC clients must present a certificate of this CA"
     )
+    serve.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        help="send OpenTelemetry traces (a span per request, one per stage) to this OTLP endpoint; gRPC unless "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf (needs the `otel` extra)",
+    )
     serve.add_argument("--log-level", default="INFO")
     gw = sub.add_parser("gateway", help="run only the HTTP gateway in front of a gRPC server")
     gw.add_argument("--grpc-target", default="127.0.0.1:50051")
@@ -235,6 +241,7 @@ def _config(ns: argparse.Namespace) -> ServerConfig:
         grpc_ssl_certfile=ns.grpc_ssl_certfile,
         grpc_ssl_keyfile=ns.grpc_ssl_keyfile,
         grpc_ssl_ca_certfile=ns.grpc_ssl_ca_certfile,
+        otlp_traces_endpoint=ns.otlp_traces_endpoint,
     )
 
 

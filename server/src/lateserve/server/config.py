@@ -96,6 +96,9 @@ class ServerConfig:
     """gRPC over TLS: the private key (PEM) of grpc_ssl_certfile."""
     grpc_ssl_ca_certfile: str | None = None
     """gRPC mutual TLS: clients must present a certificate signed by this CA (PEM)."""
+    otlp_traces_endpoint: str | None = None
+    """vLLM's --otlp-traces-endpoint: export a span per request (stages as children) over OTLP; unset:
+    no tracing, and opentelemetry is never imported."""
 
     def check_tls(self) -> None:
         """Refuse TLS settings that cannot work, before anything starts."""

@@ -23,7 +23,18 @@ from lateserve.gateway.keys import Stubs
 
 
 class DirectContext:
-    """The part of grpc.aio.ServicerContext the servicers use: ending the call with a status."""
+    """The part of grpc.aio.ServicerContext the servicers use: the caller's metadata (the request id),
+    trailing metadata (request id, timings) and ending the call with a status."""
+
+    def __init__(self, metadata: Any = None) -> None:
+        self._metadata = tuple(metadata or ())
+        self.trailing: tuple[tuple[str, str | bytes], ...] = ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._metadata
+
+    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        self.trailing = tuple(metadata)
 
     async def abort_with_status(self, status: grpc.Status) -> NoReturn:
         raise AioRpcError(status.code, Metadata(), Metadata(*status.trailing_metadata), status.details)
@@ -41,7 +52,7 @@ class DirectMethod:
         self._handler = handler
 
     async def __call__(self, request: Any, *, metadata: Any = None, timeout: float | None = None) -> Any:
-        call = self._handler(request, DirectContext())
+        call = self._handler(request, DirectContext(metadata))
         if timeout is None:
             return await call
         try:

@@ -2,6 +2,10 @@
 
 A LateserveError becomes its status code with google.rpc details (ErrorInfo, BadRequest,
 RetryInfo); anything else becomes INTERNAL with the traceback logged, never a raw exception.
+
+Every call answers with its request id (`x-request-id`) and, when the response carries Timings, the
+per-stage times (`x-lateserve-*-ms`, the gateway's HTTP header names) as trailing metadata; with
+--otlp-traces-endpoint each call is a span.
 """
 
 from __future__ import annotations
@@ -11,14 +15,17 @@ import functools
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from contextvars import ContextVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from grpc_status import rpc_status
 
-from lateserve.server import metrics
+from lateserve.server import metrics, tracing
 from lateserve.server.domain import InvalidArgument, LateserveError
+from lateserve.wire import reasons
 from lateserve.wire.status import INTERNAL, ErrorDetails, pack_status
 
 log = logging.getLogger(__name__)
@@ -26,8 +33,108 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def to_rpc_status(exc: BaseException) -> grpc.Status:
-    """grpc.Status (with rich details) for any exception a handler let escape."""
+REQUEST_ID_KEY = "x-request-id"
+DEFAULT_MAX_REQUEST_ID_CHARS = 256
+# The id LimitedServicer resolved (with the configured bound) for the call it is running.
+CALL_REQUEST_ID: ContextVar[str | None] = ContextVar("lateserve_request_id", default=None)
+
+
+class _Status(NamedTuple):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+class RpcStatus(_Status, grpc.Status):
+    """A grpc.Status with our trailing metadata appended."""
+
+
+def incoming_metadata(context: Any) -> dict[str, str]:
+    """The call's text metadata (binary `-bin` entries left out); {} where the context has none."""
+    read = getattr(context, "invocation_metadata", None)
+    items = read() if read is not None else None
+    return {str(k).lower(): v for k, v in items or () if isinstance(v, str)}
+
+
+def begin_call(request: Any, context: Any, max_chars: int = DEFAULT_MAX_REQUEST_ID_CHARS) -> str:
+    """The call's request id: the request's `request_id`, else `x-request-id` metadata, else a new uuid
+    hex. Written into an empty `request_id` field, so the response id ends with it (vLLM's rule for the
+    header). Metadata over `max_chars` is refused (InvalidArgument) and never echoed."""
+    given = incoming_metadata(context).get(REQUEST_ID_KEY, "")
+    if len(given) > max_chars:
+        raise InvalidArgument(
+            f"x-request-id has {len(given)} characters, more than the {max_chars} allowed (--max-request-id-chars)",
+            reason=reasons.REQUEST_TOO_LARGE,
+            field=REQUEST_ID_KEY,
+            metadata={"limit": str(max_chars), "requested": str(len(given))},
+        )
+    body = getattr(request, "request_id", None)
+    rid: str = body or given or uuid.uuid4().hex
+    if body == "":
+        request.request_id = rid
+    return rid
+
+
+def current_request_id(request: Any, context: Any) -> str:
+    """The id LimitedServicer chose for this call, or one chosen now (services without request limits)."""
+    rid = CALL_REQUEST_ID.get()
+    if rid is None:
+        try:
+            rid = begin_call(request, context)
+        except InvalidArgument:
+            rid = uuid.uuid4().hex
+    return rid
+
+
+def timing_metadata(timings: Any) -> tuple[tuple[str, str], ...]:
+    """A Timings message as `x-lateserve-{prepare,queue,inference,total}-ms` pairs (milliseconds)."""
+    return (
+        ("x-lateserve-prepare-ms", f"{timings.tokenize_ns / 1e6:.3f}"),
+        ("x-lateserve-queue-ms", f"{timings.queue_ns / 1e6:.3f}"),
+        ("x-lateserve-inference-ms", f"{timings.inference_ns / 1e6:.3f}"),
+        ("x-lateserve-total-ms", f"{timings.total_ns / 1e6:.3f}"),
+    )
+
+
+def _set_trailing(context: Any, rid: str, message: Any) -> None:
+    pairs: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
+    if message is not None and _has_timings(message):
+        pairs += timing_metadata(message.timings)
+    setter = getattr(context, "set_trailing_metadata", None)
+    if setter is not None:
+        setter(pairs)
+
+
+def _has_timings(message: Any) -> bool:
+    try:
+        return bool(message.HasField("timings"))
+    except ValueError:  # no such field
+        return False
+
+
+def _span_attributes(response: Any) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"model": getattr(response, "model", None) or None}
+    usage = getattr(response, "usage", None)
+    if usage is not None:
+        attrs["tokens"] = usage.prompt_tokens
+    for name in ("results", "outputs", "embeddings"):
+        items = getattr(response, name, None)
+        if items is not None:
+            attrs["items"] = len(items)
+            break
+    return attrs
+
+
+def to_rpc_status(exc: BaseException, request_id: str | None = None) -> grpc.Status:
+    """grpc.Status (with rich details) for any exception a handler let escape; `request_id` goes into
+    its trailing metadata."""
+    status = _to_rpc_status(exc)
+    if request_id is None:
+        return status
+    return RpcStatus(status.code, status.details, (*status.trailing_metadata, (REQUEST_ID_KEY, request_id)))
+
+
+def _to_rpc_status(exc: BaseException) -> grpc.Status:
     if isinstance(exc, LateserveError):
         details = ErrorDetails(
             code=grpc.StatusCode[exc.code_name],
@@ -61,17 +168,25 @@ def rpc_method(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         start = time.perf_counter()
-        try:
-            response = await fn(self, request, context)
-        except asyncio.CancelledError:
-            metrics.REQUESTS.labels(fn.__name__, "CANCELLED").inc()
-            raise
-        except Exception as exc:
-            _record(fn.__name__, exc, start)
-            await context.abort_with_status(to_rpc_status(exc))
-            raise  # abort_with_status raises; this keeps type checkers honest
-        _record(fn.__name__, None, start)
-        return response
+        rid = current_request_id(request, context)
+        with tracing.request_span(
+            fn.__name__, incoming_metadata(context) if tracing.enabled() else None, request_id=rid
+        ) as span:
+            try:
+                response = await fn(self, request, context)
+            except asyncio.CancelledError:
+                metrics.REQUESTS.labels(fn.__name__, "CANCELLED").inc()
+                raise
+            except Exception as exc:
+                _record(fn.__name__, exc, start)
+                tracing.set_attributes(span, error_reason=getattr(exc, "reason", "INTERNAL"))
+                await context.abort_with_status(to_rpc_status(exc, rid))
+                raise  # abort_with_status raises; this keeps type checkers honest
+            _record(fn.__name__, None, start)
+            _set_trailing(context, rid, response)
+            if span is not None:
+                tracing.set_attributes(span, **_span_attributes(response))
+            return response
 
     return wrapper
 
@@ -84,17 +199,28 @@ def rpc_stream(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Resp]:
         start = time.perf_counter()
-        try:
-            async for message in fn(self, request, context):
-                yield message
-        except asyncio.CancelledError:
-            metrics.REQUESTS.labels(fn.__name__, "CANCELLED").inc()
-            raise
-        except Exception as exc:
-            _record(fn.__name__, exc, start)
-            await context.abort_with_status(to_rpc_status(exc))
-            return
-        _record(fn.__name__, None, start)
+        rid = current_request_id(request, context)
+        last: Any = None
+        with tracing.request_span(
+            fn.__name__, incoming_metadata(context) if tracing.enabled() else None, request_id=rid
+        ) as span:
+            try:
+                async for message in fn(self, request, context):
+                    if _has_timings(message):
+                        last = message
+                    yield message
+            except asyncio.CancelledError:
+                metrics.REQUESTS.labels(fn.__name__, "CANCELLED").inc()
+                raise
+            except Exception as exc:
+                _record(fn.__name__, exc, start)
+                tracing.set_attributes(span, error_reason=getattr(exc, "reason", "INTERNAL"))
+                await context.abort_with_status(to_rpc_status(exc, rid))
+                return
+            _record(fn.__name__, None, start)
+            _set_trailing(context, rid, last)
+            if span is not None and last is not None:
+                tracing.set_attributes(span, tokens=last.usage.prompt_tokens)
 
     return wrapper
 

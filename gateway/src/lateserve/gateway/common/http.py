@@ -181,6 +181,9 @@ def request_id(request: web.Request, body_request_id: str | None = None) -> str:
     return request[REQUEST_ID]
 
 
+_MAX_TRACE_HEADER = 512
+
+
 def grpc_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
     """Metadata sent with every gRPC call: the request id, for the server's logs, and the credential.
 
@@ -189,6 +192,10 @@ def grpc_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
     sidecar in front of a server with --api-key passes the caller's key on for the server to check."""
     config = request.app[CONFIG]
     metadata: tuple[tuple[str, str], ...] = (("x-request-id", request[REQUEST_ID]),)
+    for trace_header in ("traceparent", "tracestate"):  # W3C trace context, for the server's spans
+        value = request.headers.get(trace_header)
+        if value and len(value) <= _MAX_TRACE_HEADER:
+            metadata = (*metadata, (trace_header, value))
     if config.api_key:
         return (*metadata, ("authorization", f"Bearer {config.api_key}"))
     caller = request.headers.get("Authorization")

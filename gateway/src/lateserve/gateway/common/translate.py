@@ -178,8 +178,17 @@ def usage_info(usage: common_pb2.Usage) -> dict[str, Any]:
 
 
 def timing_headers(timings: common_pb2.Timings) -> dict[str, str]:
-    """Where the time went, as response headers (nanoseconds)."""
+    """Where the time went, as response headers: `x-lateserve-{prepare,queue,inference,total}-ms` (the
+    names of the server's gRPC trailing metadata), and the older nanosecond headers.
+
+    >>> timing_headers(common_pb2.Timings(tokenize_ns=1_500_000, total_ns=2_000_000))["x-lateserve-prepare-ms"]
+    '1.500'
+    """
     return {
+        "x-lateserve-prepare-ms": f"{timings.tokenize_ns / 1e6:.3f}",
+        "x-lateserve-queue-ms": f"{timings.queue_ns / 1e6:.3f}",
+        "x-lateserve-inference-ms": f"{timings.inference_ns / 1e6:.3f}",
+        "x-lateserve-total-ms": f"{timings.total_ns / 1e6:.3f}",
         "x-tokenize-ns": str(timings.tokenize_ns),
         "x-queue-ns": str(timings.queue_ns),
         "x-inference-ns": str(timings.inference_ns),

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from lateserve.server import metrics
+from lateserve.server import metrics, tracing
 from lateserve.server.domain import (
     Array,
     ChatItem,
@@ -171,6 +171,8 @@ class Engine:
         self._prepare = ThreadPoolExecutor(max(1, prepare_threads), thread_name_prefix="lateserve-prepare")
         self.cache = DocumentCache(doc_cache_bytes)
         self.accepting = True
+        self._cache_lookups = 0
+        self._cache_hits = 0
         # --scoring-embedding-mode faithful: /score and /rerank encode queries as queries and
         # documents as documents (ColBERT markers, expansion) unless the request says otherwise.
         self.faithful_scoring = faithful_scoring
@@ -369,6 +371,10 @@ class Engine:
         if use_cache:
             keys = [cache_key(self.spec.architecture, w) for w in work]
             outputs = [self.cache.get(k) for k in keys]
+            self._cache_lookups += len(keys)
+            self._cache_hits += sum(out is not None for out in outputs)
+            if self._cache_lookups:
+                metrics.CACHE_HIT_RATIO.set(self._cache_hits / self._cache_lookups)
         missing = [i for i, out in enumerate(outputs) if out is None]
         if missing:
             futures = self.batcher.submit([work[i] for i in missing])
@@ -406,6 +412,7 @@ class Engine:
         prepared, so their sequences are queued in the same tick and cut into batches together (one
         request spread over the idle workers), whichever side finished preparing first."""
         start = time.perf_counter_ns()
+        wall_start = time.time_ns()
         self._admit()
         self.active_requests += 1
         cost = nbytes = 0
@@ -418,6 +425,7 @@ class Engine:
             self.queued_bytes += nbytes
             metrics.QUEUED_TOKENS.set(self.queued_tokens)
             tokenize_ns = time.perf_counter_ns() - start
+            metrics.REQUEST_DURATION.labels("prepare").observe(tokenize_ns / 1e9)
             if together is not None:
                 await together.wait()
             work = [WorkItem(seq, tasks, normalize, activation) for seq in sequences]
@@ -426,13 +434,37 @@ class Engine:
                 outputs = [{**out, Task.CLASSIFY: apply_activation(out[Task.CLASSIFY])} for out in outputs]
             timings.tokenize_ns = tokenize_ns
             timings.total_ns = time.perf_counter_ns() - start
-            metrics.PROMPT_TOKENS.inc(sum(s.prompt_tokens for s in sequences))
+            prompt_tokens = sum(s.prompt_tokens for s in sequences)
+            metrics.PROMPT_TOKENS.inc(prompt_tokens)
+            if timings.inference_ns:  # some item reached a worker (not all answered by the cache)
+                metrics.REQUEST_DURATION.labels("queue").observe(timings.queue_ns / 1e9)
+                metrics.REQUEST_DURATION.labels("inference").observe(timings.inference_ns / 1e9)
+            if tracing.enabled():
+                self._trace(wall_start, timings, len(sequences), prompt_tokens, cost)
             return EncodeResult(outputs, sequences, timings)
         finally:
             self.active_requests -= 1
             self.queued_tokens -= cost
             self.queued_bytes -= nbytes
             metrics.QUEUED_TOKENS.set(self.queued_tokens)
+
+    def _trace(self, wall_start: int, timings: Timings, items: int, tokens: int, cost: int) -> None:
+        """Stage spans of this call under the request's span: prepare from the start; queue and forward
+        (the slowest item's) ending where the call ended."""
+        forward_at = max(timings.tokenize_ns, timings.total_ns - timings.inference_ns)
+        queue_at = max(timings.tokenize_ns, forward_at - timings.queue_ns)
+        tracing.stages(
+            wall_start,
+            [
+                ("prepare", 0, timings.tokenize_ns),
+                ("queue", queue_at, forward_at - queue_at if timings.inference_ns else 0),
+                ("forward", forward_at, timings.inference_ns),
+            ],
+            model=self.spec.architecture,
+            items=items,
+            tokens=tokens,
+            cost=cost,
+        )
 
     def _check(self, tasks: frozenset[Task], options: EncodeOptions) -> None:
         for task in tasks:

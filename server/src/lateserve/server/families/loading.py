@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import struct
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,16 +83,35 @@ def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
 
 
-def load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, on the CPU, in its stored dtype."""
-    from safetensors.torch import load_file
+def progress_disabled() -> bool:
+    """Progress bars only for a person watching: off when stderr is not a terminal (logs, CI, pipes)."""
+    try:
+        return not sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return True
 
+
+def load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, on the CPU, in its stored dtype; a tqdm bar over the tensors of
+    all shards on a terminal."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    files = weight_files(model_dir)
+    total = sum(len(_header_shapes(file)) for file in files)
     state: dict[str, torch.Tensor] = {}
-    for file in weight_files(model_dir):
-        try:
-            state.update(load_file(str(file), device="cpu"))
-        except Exception as exc:
-            raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+    with tqdm(
+        total=total, desc=f"Loading {model_dir.name} ({len(files)} shard(s))", unit="tensor",
+        disable=progress_disabled(), leave=False,
+    ) as bar:  # fmt: skip
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as reader:
+                    for name in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
+                        state[name] = reader.get_tensor(name)
+                        bar.update(1)
+            except Exception as exc:
+                raise ModelLoadError(f"cannot read {file}: {exc}") from exc
     return state
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from lateserve.server.domain import ModelLoadError
 from lateserve.server.families.base import Family, ModelSource
+from lateserve.server.families.loading import progress_disabled
 from lateserve.server.media import MediaPolicy
 
 EXTRA_FAMILIES_ENV = "LATESERVE_EXTRA_FAMILIES"
@@ -73,8 +74,17 @@ def resolve_model_dir(model: str) -> Path:
         raise ModelLoadError(f"{model} is a file; expected a model directory or a Hub id")
     try:
         from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-        return Path(snapshot_download(repo_id=model))
+        # huggingface_hub draws its own download bars; only on a terminal (not into logs).
+        quiet = progress_disabled() and not are_progress_bars_disabled()
+        if quiet:
+            disable_progress_bars()
+        try:
+            return Path(snapshot_download(repo_id=model))
+        finally:
+            if quiet:
+                enable_progress_bars()
     except Exception as exc:
         raise ModelLoadError(
             f"cannot load {model!r}: not a local directory, and the Hub download failed ({exc})"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from lateserve.server import metrics
 from lateserve.server.domain import ItemOutputs, LateserveError, WorkerUnavailable, WorkItem
-from lateserve.server.scheduler.queue import BatchQueue, Entry
+from lateserve.server.scheduler.queue import BatchQueue, Entry, batch_cost
 from lateserve.server.workers.messages import BatchResult
 from lateserve.server.workers.pool import WorkerPool
 from lateserve.server.workers.process import ProcessWorker
@@ -136,8 +136,7 @@ class Batcher:
 
     async def _run(self, worker: ProcessWorker, batch: list[Entry[Ticket]], sent: asyncio.Future[BatchResult]) -> None:
         start = time.perf_counter_ns()
-        metrics.BATCH_TOKENS.observe(sum(e.num_tokens for e in batch))
-        metrics.BATCH_SIZE.observe(len(batch))
+        self._record_batch(batch)
         metrics.WORKER_BATCHES.labels(str(worker.spec.worker_id)).inc()
         try:
             result: BatchResult = await sent
@@ -153,11 +152,25 @@ class Batcher:
             if not worker.inflight:
                 self._busy_until[worker.spec.worker_id] = time.monotonic()
         self._observe(sum(e.num_tokens for e in batch), result.inference_ns)
+        metrics.FORWARD_SECONDS.observe(result.inference_ns / 1e9)
         outputs = result.unpack_outputs()
         for entry, out in zip(batch, outputs, strict=True):
             fut = entry.payload.future
             if not fut.done():
                 fut.set_result(ItemResult(out, start - entry.enqueued_ns, result.inference_ns))
+
+    def _record_batch(self, batch: list[Entry[Ticket]]) -> None:
+        """Size, tokens, fill (cost over the batch budget, as the queue counts cost) and, for a padded
+        backend, the padding the batch carries."""
+        lengths = [e.num_tokens for e in batch]
+        tokens = sum(lengths)
+        cost = batch_cost(lengths, self.queue.cost_model)
+        metrics.BATCH_TOKENS.observe(tokens)
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.BATCH_FILL.observe(cost / max(1, self.queue.max_batch_tokens))
+        if self.queue.cost_model == "padded":
+            metrics.PADDED_TOKENS.inc(cost)
+            metrics.PADDING_TOKENS.inc(cost - tokens)
 
     @staticmethod
     def _fail(batch: list[Entry[Ticket]], exc: BaseException) -> None:

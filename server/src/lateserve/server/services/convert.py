@@ -4,6 +4,7 @@ messages besides the servicers themselves)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -39,7 +40,7 @@ from lateserve.server.domain import (
     TruncationSide,
 )
 from lateserve.server.engine.engine import Engine
-from lateserve.server.rpc import to_rpc_status
+from lateserve.server.rpc import CALL_REQUEST_ID, begin_call, to_rpc_status
 from lateserve.v1 import common_pb2 as pb
 from lateserve.v1 import embed_service_pb2 as embed_pb
 from lateserve.v1 import pool_service_pb2 as pool_pb
@@ -264,33 +265,43 @@ class LimitedServicer:
         return wrapped
 
     async def _reject(self, name: str, request: Any, context: Any) -> bool:
+        """Resolve the call's request id (CALL_REQUEST_ID, for the wrapped method), then check the limits;
+        a request over one is answered here, with its id. The caller resets CALL_REQUEST_ID."""
+        rid = None
         try:
+            rid = begin_call(request, context, self._limits.max_request_id_chars)
+            CALL_REQUEST_ID.set(rid)
             self._limits.check(request)
         except InvalidArgument as exc:
             metrics.REQUESTS.labels(name, exc.code_name).inc()
             metrics.FAILURES.labels(exc.reason).inc()
-            await context.abort_with_status(to_rpc_status(exc))
+            await context.abort_with_status(to_rpc_status(exc, rid or uuid.uuid4().hex))
             return True
         return False
 
     def _unary(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await self._reject(name, request, context)
+            token = CALL_REQUEST_ID.set(None)
             try:
+                await self._reject(name, request, context)
                 return await method(request, context)
             finally:
+                CALL_REQUEST_ID.reset(token)
                 self._trimmer.after(request.ByteSize())
 
         return call
 
     def _stream(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            if await self._reject(name, request, context):
-                return
+            token = CALL_REQUEST_ID.set(None)
             try:
+                if await self._reject(name, request, context):
+                    return
                 async for message in method(request, context):
                     yield message
             finally:
+                with contextlib.suppress(ValueError):  # finalized in another context
+                    CALL_REQUEST_ID.reset(token)
                 self._trimmer.after(request.ByteSize())
 
         return call
@@ -398,6 +409,11 @@ def request_inputs(request: CompletionOrChat) -> tuple[list[Item], EncodeOptions
 
 def usage(prompt_tokens: int) -> pb.Usage:
     return pb.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+
+
+def count_tensor_bytes(method: str, tensors: Iterable[pb.Tensor]) -> None:
+    """Adds the tensors' data bytes to lateserve_response_tensor_bytes_total{method}."""
+    metrics.RESPONSE_BYTES.labels(method).inc(sum(len(t.data) for t in tensors))
 
 
 def timings(t: Timings) -> pb.Timings:

@@ -10,6 +10,7 @@ from lateserve.server.domain import InvalidArgument, Task
 from lateserve.server.rpc import rpc_method
 from lateserve.server.services.convert import (
     ServedModel,
+    count_tensor_bytes,
     request_id,
     request_inputs,
     timings,
@@ -47,6 +48,7 @@ class EmbedServicer(pb_grpc.EmbedServiceServicer):
             if request.HasField("dimensions"):
                 vector = vector[: request.dimensions]
             embeddings.append(pb.Embedding(index=i, data=to_tensor(vector, request.dtype)))
+        count_tensor_bytes("Embed", (e.data for e in embeddings))
         return pb.EmbedResponse(
             id=f"embd-{request_id(request.request_id)}",
             model=self.model.name,

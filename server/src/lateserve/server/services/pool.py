@@ -16,6 +16,7 @@ from lateserve.server.rpc import rpc_method, rpc_stream
 from lateserve.server.services.convert import (
     TASKS,
     ServedModel,
+    count_tensor_bytes,
     request_id,
     request_inputs,
     timings,
@@ -148,17 +149,19 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
     @rpc_method
     async def Pool(self, request: pb.PoolRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.PoolResponse:
         task, result = await self._run(request)
+        outputs = [
+            pb.PoolOutput(
+                index=i,
+                data=to_tensor(out[task], request.dtype),
+                lexical_weights=self._lexical(request, task, result, i),
+            )
+            for i, out in enumerate(result.outputs)
+        ]
+        count_tensor_bytes("Pool", (o.data for o in outputs))
         return pb.PoolResponse(
             id=f"pooling-{request_id(request.request_id)}",
             model=self.model.name,
-            outputs=[
-                pb.PoolOutput(
-                    index=i,
-                    data=to_tensor(out[task], request.dtype),
-                    lexical_weights=self._lexical(request, task, result, i),
-                )
-                for i, out in enumerate(result.outputs)
-            ],
+            outputs=outputs,
             usage=usage(result.prompt_tokens),
             timings=timings(result.timings),
         )
@@ -188,6 +191,7 @@ class PoolServicer(pb_grpc.PoolServiceServicer):
                 )
                 if last_chunk:
                     message.lexical_weights.extend(self._lexical(request, task, result, index))
+                count_tensor_bytes("StreamPool", (message.data,))
                 if last_chunk and index == last_index:
                     message.usage.CopyFrom(usage(result.prompt_tokens))
                     message.timings.CopyFrom(timings(result.timings))

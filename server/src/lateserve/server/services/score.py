@@ -10,6 +10,7 @@ from lateserve.server.engine.pairs import PairScores, score_pairs
 from lateserve.server.rpc import rpc_method
 from lateserve.server.services.convert import (
     ServedModel,
+    count_tensor_bytes,
     items_from_proto,
     options_from_proto,
     request_id,
@@ -54,13 +55,15 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
             max_tokens_per_doc=request.max_tokens_per_doc,
             similarity_maps=request.return_similarity_maps,
         )
+        results = [
+            pb.ScoreResult(index=i, score=s, similarity_maps=self._maps(result, i)) for i, s in enumerate(result.scores)
+        ]
+        if result.maps is not None:
+            count_tensor_bytes("Score", (m.data for r in results for m in r.similarity_maps))
         return pb.ScoreResponse(
             id=f"score-{request_id(request.request_id)}",
             model=self.model.name,
-            results=[
-                pb.ScoreResult(index=i, score=s, similarity_maps=self._maps(result, i))
-                for i, s in enumerate(result.scores)
-            ],
+            results=results,
             usage=usage(result.prompt_tokens),
             timings=timings(result.timings),
         )
