@@ -490,7 +490,15 @@ def test_models_list_json() -> None:
 
 def test_timing_headers() -> None:
     headers = common.timing_headers(common_pb2.Timings(tokenize_ns=1, queue_ns=22, inference_ns=333, total_ns=4000))
-    assert headers == {"x-tokenize-ns": "1", "x-queue-ns": "22", "x-inference-ns": "333"}
+    assert headers == {
+        "x-lateserve-prepare-ms": "0.000",
+        "x-lateserve-queue-ms": "0.000",
+        "x-lateserve-inference-ms": "0.000",
+        "x-lateserve-total-ms": "0.004",
+        "x-tokenize-ns": "1",
+        "x-queue-ns": "22",
+        "x-inference-ns": "333",
+    }
 
 
 # ---------------------------------------------------------------- error table
