@@ -244,6 +244,10 @@ def test_grpc_request_id_and_trailing_timings(server: LiveServer) -> None:
         assert "x-request-id has 33 characters" in refused.value.details()
         echoed = dict(refused.value.trailing_metadata())["x-request-id"]
         assert echoed != "y" * 33 and len(echoed) == 32
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Pool(pool_request(request_id="z" * 33))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(dict(refused.value.trailing_metadata())["x-request-id"]) == 32
         # An error still carries the request id.
         with pytest.raises(grpc.RpcError) as failed:
             stub.Pool(pool_request(model="nope"), metadata=(("x-request-id", "bad-model"),))

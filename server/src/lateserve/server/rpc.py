@@ -59,7 +59,8 @@ def incoming_metadata(context: Any) -> dict[str, str]:
 def begin_call(request: Any, context: Any, max_chars: int = DEFAULT_MAX_REQUEST_ID_CHARS) -> str:
     """The call's request id: the request's `request_id`, else `x-request-id` metadata, else a new uuid
     hex. Written into an empty `request_id` field, so the response id ends with it (vLLM's rule for the
-    header). Metadata over `max_chars` is refused (InvalidArgument) and never echoed."""
+    header). Metadata over `max_chars` is refused (InvalidArgument); neither it nor a request_id over
+    `max_chars` (which RequestLimits refuses) is ever echoed."""
     given = incoming_metadata(context).get(REQUEST_ID_KEY, "")
     if len(given) > max_chars:
         raise InvalidArgument(
@@ -69,6 +70,8 @@ def begin_call(request: Any, context: Any, max_chars: int = DEFAULT_MAX_REQUEST_
             metadata={"limit": str(max_chars), "requested": str(len(given))},
         )
     body = getattr(request, "request_id", None)
+    if body and len(body) > max_chars:
+        return uuid.uuid4().hex  # the request limits refuse it; never echoed
     rid: str = body or given or uuid.uuid4().hex
     if body == "":
         request.request_id = rid
