@@ -198,6 +198,10 @@ def test_http_request_id_and_timing_headers(server: LiveServer) -> None:
     generated = post(server, "/pooling", {"model": MODEL, "input": "hi"})
     rid = generated.headers["x-request-id"]
     assert len(rid) == 32 and generated.json()["id"] == f"pooling-{rid}"
+    # A body id that is not a header value is echoed percent-encoded (never a broken or injected header).
+    odd = post(server, "/pooling", {"model": MODEL, "input": "hi", "request_id": "r\u00e9q\r\nX-Evil: 1"})
+    assert odd.status == 200 and odd.json()["id"] == "pooling-r\u00e9q\r\nX-Evil: 1"
+    assert odd.headers["x-request-id"] == "r%C3%A9q%0D%0AX-Evil%3A%201" and "X-Evil" not in odd.headers
     too_long = post(server, "/pooling", {"model": MODEL, "input": "hi"}, x_request_id="x" * 33)
     assert too_long.status == 400 and too_long.headers["x-request-id"] != "x" * 33
     for reply in (given, generated):
@@ -222,6 +226,8 @@ def test_grpc_request_id_and_trailing_timings(server: LiveServer) -> None:
         assert float(trailing["x-lateserve-prepare-ms"]) == pytest.approx(response.timings.tokenize_ns / 1e6, abs=1e-3)
         assert float(trailing["x-lateserve-queue-ms"]) == pytest.approx(response.timings.queue_ns / 1e6, abs=1e-3)
         assert float(trailing["x-lateserve-inference-ms"]) > 0
+        response, call = stub.Pool.with_call(pool_request(request_id="r\u00e9q"))
+        assert (response.id, dict(call.trailing_metadata())["x-request-id"]) == ("pooling-r\u00e9q", "r%C3%A9q")
         # The message's own request_id is kept; without either, one is generated and echoed.
         response, call = stub.Pool.with_call(pool_request(request_id="own"), metadata=(("x-request-id", "meta"),))
         assert (response.id, dict(call.trailing_metadata())["x-request-id"]) == ("pooling-own", "own")

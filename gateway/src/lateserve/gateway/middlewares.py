@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from urllib.parse import quote
 
 import grpc
 from aiohttp import web
@@ -120,9 +121,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = _error(request, api_error)
         if api_error.status == 408:
             response.force_close()  # the rest of a body that did not come in time is not waited for
-    response.headers["x-request-id"] = request[REQUEST_ID]
+    response.headers["x-request-id"] = header_value(request[REQUEST_ID])
     request.app[TRIMMER].after(max(request.content_length or 0, response.content_length or 0))
     return response
+
+
+def header_value(text: str) -> str:
+    r"""`text` as a header value: printable ASCII as is, anything else (a body request_id with accents or
+    line breaks) percent-encoded as UTF-8, so it can neither break nor inject a header.
+
+    >>> header_value("req-1"), header_value("a\u00e9\r\nX-Evil: 1")
+    ('req-1', 'a%C3%A9%0D%0AX-Evil%3A%201')
+    """
+    return text if text.isascii() and text.isprintable() else quote(text, safe="")
 
 
 def _error(request: web.Request, api_error: errors.ApiError) -> web.Response:

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import quote
 
 import grpc
 from grpc_status import rpc_status
@@ -99,8 +100,17 @@ def timing_metadata(timings: Any) -> tuple[tuple[str, str], ...]:
     )
 
 
+def metadata_value(text: str) -> str:
+    """`text` as a gRPC metadata value: printable ASCII as is, anything else percent-encoded (UTF-8).
+
+    >>> metadata_value("req-1 a"), metadata_value("réq")
+    ('req-1 a', 'r%C3%A9q')
+    """
+    return text if text.isascii() and text.isprintable() else quote(text, safe="")
+
+
 def _set_trailing(context: Any, rid: str, message: Any) -> None:
-    pairs: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
+    pairs: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, metadata_value(rid)),)
     if message is not None and _has_timings(message):
         pairs += timing_metadata(message.timings)
     setter = getattr(context, "set_trailing_metadata", None)
@@ -134,7 +144,8 @@ def to_rpc_status(exc: BaseException, request_id: str | None = None) -> grpc.Sta
     status = _to_rpc_status(exc)
     if request_id is None:
         return status
-    return RpcStatus(status.code, status.details, (*status.trailing_metadata, (REQUEST_ID_KEY, request_id)))
+    echo = (REQUEST_ID_KEY, metadata_value(request_id))
+    return RpcStatus(status.code, status.details, (*status.trailing_metadata, echo))
 
 
 def _to_rpc_status(exc: BaseException) -> grpc.Status:
