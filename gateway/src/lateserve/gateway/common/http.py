@@ -16,7 +16,7 @@ from lateserve.gateway import errors
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.jsonutil import dumps
 from lateserve.gateway.keys import CONFIG, METRICS, PARSED_BODY, REQUEST_ID, REQUEST_ID_FROM_HEADER
-from lateserve.gateway.middlewares import route_label
+from lateserve.gateway.middlewares import header_value, route_label
 from lateserve.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def grpc_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
     gateway's own key goes on; without one, the caller's Authorization header is forwarded as is, so a
     sidecar in front of a server with --api-key passes the caller's key on for the server to check."""
     config = request.app[CONFIG]
-    metadata: tuple[tuple[str, str], ...] = (("x-request-id", request[REQUEST_ID]),)
+    metadata: tuple[tuple[str, str], ...] = (("x-request-id", header_value(request[REQUEST_ID])),)
     for trace_header in ("traceparent", "tracestate"):  # W3C trace context, for the server's spans
         value = request.headers.get(trace_header)
         if value and len(value) <= _MAX_TRACE_HEADER:
