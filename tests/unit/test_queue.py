@@ -63,3 +63,13 @@ def test_a_share_never_leaves_the_oldest_entry_behind() -> None:
     q.push(Entry(0, 300, 0))
     q.push(Entry(1, 10, 0))
     assert [e.payload for e in q.cut(parts=4)] == [0]  # over its share, it still runs
+
+
+def test_a_small_head_does_not_unbalance_the_share() -> None:
+    """A /rerank: a small query first, then eight pages of equal cost, two idle workers: 4 + 4 pages."""
+    q: BatchQueue[int] = BatchQueue(max_batch_tokens=8192, max_batch_seqs=64, cost_model="varlen")
+    q.push(Entry(0, 9, 0))
+    for i in range(1, 9):
+        q.push(Entry(i, 1500, 0))
+    first, second = q.cut(parts=2), q.cut(parts=1)
+    assert (len(first), len(second)) == (5, 4) and first[0].payload == 0

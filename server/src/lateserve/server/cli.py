@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-batch-timeout",
         type=float,
         default=30.0,
-        help="seconds a worker may take for a full batch (scaled by the batch's cost) before it is replaced",
+        help="least seconds a batch may take before its worker counts as frozen (else 10x its measured time)",
     )
     serve.add_argument(
         "--worker-heartbeat", type=float, default=5.0, help="seconds an idle worker has to answer a ping"

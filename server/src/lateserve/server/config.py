@@ -48,7 +48,8 @@ class ServerConfig:
     max_queue_wait_ms: int = 5000
     """Shed new work with 429 once the work in flight needs longer than this to drain (0: never)."""
     worker_batch_timeout: float = 30.0
-    """Seconds a worker may take for a full batch (scaled by cost) before it counts as frozen and is replaced."""
+    """Least seconds a batch may take before its worker counts as frozen (else ten times its expected time at the
+    measured speed; five times this before any batch is measured)."""
     worker_heartbeat: float = 5.0
     """Seconds an idle worker has to answer a ping before it counts as frozen."""
     prepare_threads: int = 0

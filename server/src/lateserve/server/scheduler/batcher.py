@@ -128,11 +128,14 @@ class Batcher:
         return soonest + self.queue.queued_tokens / (self._rate * max(1, len(ready)))
 
     def deadline_s(self, batch: list[Entry[Ticket]]) -> float:
-        """How long a worker may take for a batch before it counts as frozen: --worker-batch-timeout for a
-        full batch (max_batch_tokens of cost), scaled down with the batch's cost, never under a fifth of it.
+        """How long a worker may take for a batch before it counts as frozen: ten times what the batch
+        should take at the measured speed, never under --worker-batch-timeout; five times the timeout
+        until a batch has been measured (a big model on a slow CPU must not be taken for a frozen one).
         Doubled because a prefetched batch waits for the one running before it."""
-        share = sum(e.num_tokens for e in batch) / max(1, self.queue.max_batch_tokens)
-        return 2 * self.batch_timeout_s * min(1.0, max(0.2, share))
+        cost = sum(e.num_tokens for e in batch)
+        if self._rate <= 0:
+            return 2 * 5 * self.batch_timeout_s
+        return 2 * max(self.batch_timeout_s, 10 * cost / self._rate)
 
     async def _run(self, worker: ProcessWorker, batch: list[Entry[Ticket]], sent: asyncio.Future[BatchResult]) -> None:
         start = time.perf_counter_ns()

@@ -79,8 +79,11 @@ class BatchQueue(Generic[T]):
         self._drop_cancelled_head()
         if not self._entries:
             return []
-        share = -(-self.queued_tokens // parts) if parts > 1 else self.queued_tokens
         head = self._entries[0]
+        # The head always runs; the others' cost is what the idle workers share (so a small query at the
+        # head of a /rerank does not push a page out of its batch: 8 pages split 4 + 4, not 3 + 5).
+        rest = self.queued_tokens - head.num_tokens
+        share = head.num_tokens + (-(-rest // parts) if parts > 1 else rest)
         candidates: list[tuple[int, int, Entry[T]]] = []
         for pos, entry in enumerate(self._entries):
             if pos >= self.window:
