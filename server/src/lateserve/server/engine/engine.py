@@ -294,9 +294,8 @@ class Engine:
         for index, (query, document) in enumerate(pairs):
             try:
                 sequences.append(self.processor.encode_pair(query, document, options))
-            except InvalidArgument as exc:
-                if exc.field in (None, "input"):
-                    exc.field = f"{field}[{index}]"
+            except InvalidArgument as exc:  # the pair's index is its document's (1:N and N:N alike)
+                exc.field = item_field(document, field, index, exc.field)
                 raise
         self.check_length(sequences, field)
         return sequences
