@@ -96,7 +96,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         pytest.skip(f"the Envoy binary is not installed: {INSTALL_HINT}")
     base = tmp_path_factory.mktemp("lb")
     model = write_hf_colbert(base / "model")
-    env = {"LATESERVE_DOC_CACHE_MB": str(CACHE_MB)}
+    # No latency shedding: the kill test's long direct call would otherwise (rightly) shed the balanced calls
+    # that land on its replica with 429, which Envoy does not retry; that is the server's policy, not the LB's.
+    env = {"LATESERVE_DOC_CACHE_MB": str(CACHE_MB), "LATESERVE_EXTRA_ARGS": "--max-queue-wait-ms 0"}
     replicas = [Replica(model, env=env, log=base / f"replica{i}.log") for i in range(REPLICAS)]
     envoy: subprocess.Popen[bytes] | None = None
     try:
@@ -240,7 +242,7 @@ def test_killed_replica_loses_no_request(cluster: Cluster) -> None:
 
     def direct_call() -> None:
         """A long call straight to the victim, no balancer: what a killed replica's in-flight calls get."""
-        big = [_document(rng, f"direct{i}", 300) for i in range(256)]
+        big = [_document(rng, f"direct{i}", 150) for i in range(256)]  # ~400 tokens each: valid (max 512)
         with grpc.insecure_channel(victim.target) as channel:
             try:
                 rerank_service_pb2_grpc.RerankServiceStub(channel).Rerank(_rerank(big, "direct"), timeout=60)

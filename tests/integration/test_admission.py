@@ -69,3 +69,30 @@ def test_grpc_reports_request_too_large(small_server: LiveServer) -> None:
     details = unpack_details(err.code(), err.details() or "", rpc_status.from_call(err))  # type: ignore[arg-type]
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT and details.reason == "REQUEST_TOO_LARGE"
     assert details.retry_after_s is None
+
+
+def test_an_input_without_tokens_is_400(small_server: LiveServer) -> None:
+    """Empty token ids (found by tests/fuzz): nothing to embed, so 400 naming the item, not a 500."""
+    from lateserve.v1 import pool_service_pb2, pool_service_pb2_grpc
+
+    empty = c.Input(token_ids=c.TokenIds(ids=[]))
+    with grpc.insecure_channel(small_server.grpc_target) as channel:
+        rerank = rerank_service_pb2_grpc.RerankServiceStub(channel).Rerank
+        with pytest.raises(grpc.RpcError) as info:
+            rerank(rerank_service_pb2.RerankRequest(query=empty, documents=[empty]))
+        pool = pool_service_pb2_grpc.PoolServiceStub(channel).Pool
+        with pytest.raises(grpc.RpcError) as pooled:
+            pool(pool_service_pb2.PoolRequest(inputs=[c.Input(text="fine"), empty]))
+    for err in (info.value, pooled.value):
+        details = unpack_details(err.code(), err.details() or "", rpc_status.from_call(err))  # type: ignore[arg-type]
+        assert details.code == grpc.StatusCode.INVALID_ARGUMENT and details.reason == "EMPTY_INPUT", details
+    assert (
+        unpack_details(
+            pooled.value.code(),
+            pooled.value.details() or "",
+            rpc_status.from_call(pooled.value),  # type: ignore[arg-type]
+        ).field
+        == "input[1]"
+    )
+    status, body, _ = post(small_server, "/pooling", {"input": [[]], "task": "token_embed"})
+    assert status == 400, body

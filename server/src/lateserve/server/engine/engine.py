@@ -248,9 +248,16 @@ class Engine:
                 )
 
     def check_length(self, sequences: Seq[Sequence], field: str) -> None:
-        """max_model_len, with vLLM's message."""
+        """No empty input (nothing to embed: MaxSim over zero tokens is undefined) and max_model_len, with
+        vLLM's messages."""
         limit = self.spec.max_model_len
         for index, seq in enumerate(sequences):
+            if seq.num_tokens == 0:
+                raise InvalidArgument(
+                    "The prompt cannot be empty: it has no tokens",
+                    reason=reasons.EMPTY_INPUT,
+                    field=f"{field}[{index}]",
+                )
             if seq.num_tokens > limit:
                 n = seq.num_tokens
                 raise InputTooLong(
