@@ -17,11 +17,6 @@ import numpy.typing as npt
 
 from lateserve.v1.common_pb2 import Dtype, Tensor
 
-DTYPE_NAMES: dict[str, int] = {
-    "float32": Dtype.DTYPE_FLOAT32,
-    "float16": Dtype.DTYPE_FLOAT16,
-    "bfloat16": Dtype.DTYPE_BFLOAT16,
-}
 ITEM_SIZE: dict[int, int] = {
     Dtype.DTYPE_FLOAT32: 4,
     Dtype.DTYPE_FLOAT16: 2,
