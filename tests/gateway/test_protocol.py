@@ -196,3 +196,45 @@ def test_detokenize_needs_int32_tokens() -> None:
     with pytest.raises(pydantic.ValidationError) as info:
         DetokenizeRequest.model_validate(payload)
     assert from_validation_error(info.value, payload).param == "tokens[1]"
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (
+            {"query": "q", "documents": ["a"], "top_n": -3.5},
+            "top_n: Input should be a valid integer, got a number with a fractional part "
+            "[type=int_from_float, input_value=-3.5, input_type=float]",
+        ),
+        (
+            {"query": "q", "documents": ["a"], "top_n": 2**31},
+            "less than or equal to 2147483647 [type=less_than_equal, input_value=2147483648, input_type=int]",
+        ),
+        (
+            {"query": "q", "documents": ["a"], "truncation_side": "middle"},
+            "Input should be 'left' or 'right' [type=literal_error, input_value='middle', input_type=str]",
+        ),
+        (
+            {"query": "q", "documents": ["a", 5]},
+            "documents[1]: Input should be a valid string [type=string_type, input_value=5, input_type=int]",
+        ),
+    ],
+)
+def test_validation_messages_echo_the_bad_value(payload: dict[str, object], message: str) -> None:
+    # pydantic's own wording, as vLLM's validation messages: the input is shown, so a client debugging a
+    # generated request sees what it sent.
+    with pytest.raises(pydantic.ValidationError) as info:
+        RerankRequest.model_validate(payload)
+    assert message in from_validation_error(info.value, payload).message
+
+
+def test_validation_messages_echo_at_most_a_prefix_and_no_enclosing_object() -> None:
+    payload = {"query": "q", "documents": ["a"], "top_n": "x" * 10_000}
+    with pytest.raises(pydantic.ValidationError) as info:
+        RerankRequest.model_validate(payload)
+    message = from_validation_error(info.value, payload).message
+    assert "input_value='" + "x" * 96 + "..., input_type=str]" in message and len(message) < 250
+    missing = {"documents": ["a"]}  # a missing field: the "input" is the whole body, not echoed
+    with pytest.raises(pydantic.ValidationError) as info:
+        RerankRequest.model_validate(missing)
+    assert from_validation_error(info.value, missing).message == "query: Field required"

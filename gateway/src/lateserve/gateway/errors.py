@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pydantic
@@ -173,6 +175,37 @@ def _format_path(path: tuple[int | str, ...]) -> str:
     return text
 
 
+# Longest echo of an offending value in a validation message: enough to recognise it, never a whole document.
+_MAX_SHOWN = 100
+# Problems whose `input` is not the offending value: the enclosing object (a missing field, a model-level rule)
+# or the raw body (invalid JSON).
+_NO_VALUE_TYPES = frozenset({"missing", "json_invalid", "json_type", "value_error", "assertion_error"})
+
+
+def _shown(value: object) -> str:
+    """`value`'s repr as pydantic prints it, cut to _MAX_SHOWN characters.
+
+    >>> _shown(-3), _shown("middle"), _shown("x" * 200)[-5:]
+    ('-3', "'middle'", 'xx...')
+    """
+    if isinstance(value, str) and len(value) > _MAX_SHOWN:
+        value = value[:_MAX_SHOWN]  # bound the work before the repr
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def _with_value(problem: Mapping[str, Any]) -> str:
+    """pydantic's message with the offending value in pydantic's own words (vLLM's validation messages are
+    pydantic's str, which shows the input; a client debugging a generated request needs to see what it sent):
+    "Input should be 'left' or 'right' [type=literal_error, input_value='middle', input_type=str]".
+    """
+    msg = str(problem["msg"])
+    if problem["type"] in _NO_VALUE_TYPES or "input" not in problem:
+        return msg
+    value = problem["input"]
+    return f"{msg} [type={problem['type']}, input_value={_shown(value)}, input_type={type(value).__name__}]"
+
+
 def from_validation_error(error: pydantic.ValidationError, data: object = _MISSING) -> ApiError:
     """400 naming the first offending field (param); the message lists each location once.
 
@@ -181,7 +214,7 @@ def from_validation_error(error: pydantic.ValidationError, data: object = _MISSI
     are dropped, and one message per location is kept.
     """
     problems = [
-        (_json_path(tuple(p["loc"]), data, missing=p["type"] == "missing"), p["msg"])
+        (_json_path(tuple(p["loc"]), data, missing=p["type"] == "missing"), _with_value(p))
         for p in error.errors(include_url=False)
     ]
     paths = {path for path, _ in problems}

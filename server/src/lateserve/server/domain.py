@@ -411,6 +411,56 @@ class InputTooLong(InvalidArgument):
     default_reason = reasons.INPUT_TOO_LONG
 
 
+def input_too_long(max_model_len: int, num_tokens: int, item: str) -> InputTooLong:
+    """The over-long input error, worded as the newest vLLM (0.32, captured in the reference answers):
+    the one place this message lives, so every route and family says the same thing and clients that
+    match on "Please reduce the length of the input prompt" keep working. `item` is the request path.
+
+    >>> input_too_long(512, 513, "documents[3]").message
+    "This model's maximum context length is 512 tokens. However, your prompt contains at least 513 input tokens, \
+which exceeds this limit even without any output tokens. Please reduce the length of the input prompt. \
+(parameter=input_tokens, value=513)"
+    """
+    return InputTooLong(
+        f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains at least "
+        f"{num_tokens} input tokens, which exceeds this limit even without any output tokens. Please reduce the "
+        f"length of the input prompt. (parameter=input_tokens, value={num_tokens})",
+        field=item,
+        metadata={"maxModelLen": str(max_model_len), "inputTokens": str(num_tokens), "item": item},
+    )
+
+
+def truncation_too_large(truncate_prompt_tokens: int, max_model_len: int) -> InvalidArgument:
+    """`truncate_prompt_tokens` over max_model_len, in the newest vLLM's words (which name both values).
+
+    >>> truncation_too_large(101, 100).message
+    'truncate_prompt_tokens value (101) is greater than max_model_len (100). Please, select a smaller truncation size.'
+    """
+    return InvalidArgument(
+        f"truncate_prompt_tokens value ({truncate_prompt_tokens}) is greater than max_model_len ({max_model_len}). "
+        "Please, select a smaller truncation size.",
+        reason=reasons.TRUNCATION_TOO_LARGE,
+        field="truncate_prompt_tokens",
+        metadata={"truncatePromptTokens": str(truncate_prompt_tokens), "maxModelLen": str(max_model_len)},
+    )
+
+
+def truncation_cuts_image(truncate_prompt_tokens: int, num_tokens: int) -> InvalidArgument:
+    """A truncation that would cut through an image's tokens (vision families refuse it rather than embed
+    half a picture). vLLM has no such case; the wording follows its truncation message, both values named.
+
+    >>> truncation_cuts_image(8, 70).message
+    'truncate_prompt_tokens value (8) would cut an image: the input has 70 tokens including its image tokens. \
+Please, select a larger truncation size.'
+    """
+    return InvalidArgument(
+        f"truncate_prompt_tokens value ({truncate_prompt_tokens}) would cut an image: the input has {num_tokens} "
+        "tokens including its image tokens. Please, select a larger truncation size.",
+        field="truncate_prompt_tokens",
+        metadata={"truncatePromptTokens": str(truncate_prompt_tokens), "inputTokens": str(num_tokens)},
+    )
+
+
 class UnsupportedTask(InvalidArgument):
     """The loaded model lacks the task (vLLM answers 400 "Unsupported task: ...")."""
 

@@ -28,7 +28,6 @@ from lateserve.server.domain import (
     EmbeddingMode,
     EncodeOptions,
     ImagePart,
-    InputTooLong,
     InvalidArgument,
     Item,
     ItemOutputs,
@@ -45,6 +44,8 @@ from lateserve.server.domain import (
     TokenItem,
     UnsupportedTask,
     WorkItem,
+    input_too_long,
+    truncation_too_large,
 )
 from lateserve.server.engine.cache import DocumentCache, cache_key
 from lateserve.server.families.base import InputProcessor
@@ -200,13 +201,7 @@ class Engine:
                 field="truncate_prompt_tokens",
             )
         if k > self.spec.max_model_len:
-            raise InvalidArgument(
-                f"truncate_prompt_tokens value ({k}) is greater than max_model_len ({self.spec.max_model_len}). "
-                "Please, select a smaller truncation size.",
-                reason=reasons.TRUNCATION_TOO_LARGE,
-                field="truncate_prompt_tokens",
-                metadata={"truncatePromptTokens": str(k), "maxModelLen": str(self.spec.max_model_len)},
-            )
+            raise truncation_too_large(k, self.spec.max_model_len)
 
     def resolve_options(self, options: EncodeOptions) -> EncodeOptions:
         """The one place `truncate_prompt_tokens == -1` and `EmbeddingMode.AUTO` are resolved:
@@ -259,14 +254,7 @@ class Engine:
                     field=f"{field}[{index}]",
                 )
             if seq.num_tokens > limit:
-                n = seq.num_tokens
-                raise InputTooLong(
-                    f"This model's maximum context length is {limit} tokens. However, your prompt contains at "
-                    f"least {n} input tokens, which exceeds this limit even without any output tokens. Please "
-                    f"reduce the length of the input prompt. (parameter=input_tokens, value={n})",
-                    field=f"{field}[{index}]",
-                    metadata={"maxModelLen": str(limit), "inputTokens": str(n), "item": f"{field}[{index}]"},
-                )
+                raise input_too_long(limit, seq.num_tokens, f"{field}[{index}]")
 
     def render(self, item: Item) -> Item:
         """Chat messages through the template (a text-only chat becomes plain text for the family)."""

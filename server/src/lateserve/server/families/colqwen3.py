@@ -62,6 +62,7 @@ from lateserve.server.domain import (
     Tensor,
     TextItem,
     TokenItem,
+    truncation_cuts_image,
 )
 from lateserve.server.families import loading
 from lateserve.server.families.base import Family
@@ -300,11 +301,7 @@ class QwenVLProcessor(BertProcessor):
             raise
         limit = options.truncate_prompt_tokens
         if limit is not None and limit != -1 and len(ids) > limit:
-            raise InvalidArgument(
-                f"the input has {len(ids)} tokens including its image tokens; truncating it to {limit} would "
-                "cut an image, which is not supported",
-                field="truncate_prompt_tokens",
-            )
+            raise truncation_cuts_image(limit, len(ids))
         payloads = tuple(
             MediaPayload(
                 modality=Modality.IMAGE,

@@ -59,6 +59,7 @@ from lateserve.server.domain import (
     Tensor,
     TextItem,
     TokenItem,
+    truncation_cuts_image,
 )
 from lateserve.server.families import loading
 from lateserve.server.families.base import Family
@@ -313,11 +314,7 @@ class NemotronVLProcessor(BertProcessor):
         ids, offsets = expand_context(ids, self._context_id, [len(t) * per_tile for t, _ in prepared])
         limit = options.truncate_prompt_tokens
         if limit is not None and limit != -1 and len(ids) > limit:
-            raise InvalidArgument(
-                f"the input has {len(ids)} tokens including its image tokens; truncating it to {limit} would "
-                "cut an image, which is not supported",
-                field="truncate_prompt_tokens",
-            )
+            raise truncation_cuts_image(limit, len(ids))
         payloads = tuple(
             MediaPayload(
                 modality=Modality.IMAGE,

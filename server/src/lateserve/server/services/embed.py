@@ -33,10 +33,17 @@ class EmbedServicer(pb_grpc.EmbedServiceServicer):
         engine.check_task(Task.EMBED)
         if request.HasField("dimensions"):
             dims = request.dimensions
-            if not engine.spec.matryoshka or not 0 < dims <= engine.spec.embed_dim:
+            if not engine.spec.matryoshka:
                 raise InvalidArgument(
                     f"Model does not support matryoshka representation, changing output dimensions ({dims}) "
                     "will lead to poor results.",
+                    field="dimensions",
+                )
+            if dims < 1:
+                raise InvalidArgument(f"dimensions must be positive, got {dims}", field="dimensions")
+            if dims > engine.spec.embed_dim:
+                raise InvalidArgument(
+                    f"dimensions must be at most the model's embedding size ({engine.spec.embed_dim}), got {dims}",
                     field="dimensions",
                 )
         normalize = use_activation(request)
