@@ -148,7 +148,6 @@ REFUSED: list[tuple[Any, str, Any]] = [
     (tokenize, "tools", [{"type": "function"}]),
     *[(t, "softmax", False) for t in (pool, score, rerank)],
     *[(t, "activation", True) for t in (pool, score, rerank)],
-    *[(t, "max_tokens_per_query", 8) for t in (score, rerank)],
 ]
 
 
@@ -166,7 +165,7 @@ def test_unhonoured_vllm_fields_are_refused_naming_them(translate: Any, field: s
 
 @pytest.mark.parametrize(("translate", "field", "value"), REFUSED)
 def test_unhonoured_fields_at_their_unused_value_are_accepted(translate: Any, field: str, value: Any) -> None:
-    unused = {"priority": 0, "max_tokens_per_query": 0, "max_tokens_per_doc": 0}.get(field)
+    unused = {"priority": 0}.get(field)
     translate({**form(translate), field: unused})
     if isinstance(value, dict | list):
         translate({**form(translate), field: type(value)()})  # empty: nothing to drop
@@ -236,3 +235,14 @@ def test_unknown_task_message_lists_the_table() -> None:
     assert info.value.api_error.message == f"Unsupported task: 'plugin' Known tasks: {list(enums.POOLING_TASKS)}"
     with pytest.raises(ValueError, match="unknown task 'plugin'"):
         client_requests.pool_request("x", task="plugin")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("translate", [score, rerank])
+def test_max_tokens_per_query_and_doc_are_forwarded(translate: Any) -> None:
+    # Both are honoured behind the contract (issue 11): sent as the proto's optional fields, 0 as unset.
+    message = translate({**form(translate), "max_tokens_per_query": 8, "max_tokens_per_doc": 5})
+    assert (message.max_tokens_per_query, message.max_tokens_per_doc) == (8, 5)
+    plain = translate(form(translate))
+    assert not plain.HasField("max_tokens_per_query") and not plain.HasField("max_tokens_per_doc")
+    negative = translate({**form(translate), "max_tokens_per_query": -1})  # the server's rule, not the gateway's
+    assert negative.max_tokens_per_query == -1

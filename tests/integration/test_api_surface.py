@@ -1,6 +1,6 @@
 """vLLM's remaining API surface against live servers (issue 11): encoding_format bytes / bytes_only and
-fp8 embed_dtype, /invocations routed by body shape, max_tokens_per_doc, Cohere v1 document objects,
-GET /v1/models/{id}, and the request's field path in gRPC BadRequest for over-long inputs."""
+fp8 embed_dtype, /invocations routed by body shape, max_tokens_per_doc and max_tokens_per_query, Cohere v1
+document objects, GET /v1/models/{id}, and the request's field path in gRPC BadRequest for over-long inputs."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from lateserve.v1 import (
     score_service_pb2,
     score_service_pb2_grpc,
 )
+from lateserve.v1.tokenize_service_pb2 import DetokenizeRequest, TokenizeRequest
+from lateserve.v1.tokenize_service_pb2_grpc import TokenizeServiceStub
 from lateserve.wire.status import unpack_details
 from tests.integration.test_http_routes import DOCS, MODEL, QUERY, call, envelope
 from tests.live import LiveServer
@@ -185,6 +187,87 @@ def test_max_tokens_per_doc_over_grpc(colbert_channel: grpc.Channel) -> None:
     score = score_service_pb2_grpc.ScoreServiceStub(colbert_channel).Score
     got = score(score_service_pb2.ScoreRequest(queries=[query], documents=[long_doc], max_tokens_per_doc=5))
     assert got.results[0].score == pytest.approx(same.results[0].relevance_score, rel=1e-6)
+
+
+# ---------------------------------------------------------------- max_tokens_per_query
+
+
+def first_tokens(server: LiveServer, text: str, n: int) -> str:
+    """The text of `text`'s first n tokens (special tokens not counted), through /tokenize and /detokenize."""
+    ids = call(server, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()["tokens"][:n]
+    prompt: str = call(server, "/detokenize", {"tokens": ids}).json()["prompt"]
+    assert call(server, "/tokenize", {"prompt": prompt, "add_special_tokens": False}).json()["tokens"] == ids
+    return prompt
+
+
+def test_max_tokens_per_query_truncates_each_query(colbert_server: LiveServer) -> None:
+    long_query = "learning machines " * 100  # over max_model_len 64
+    short_query = first_tokens(colbert_server, long_query, 5)
+    assert call(colbert_server, "/rerank", {"query": long_query, "documents": DOCS}).status == 400
+    cut = call(colbert_server, "/rerank", {"query": long_query, "documents": DOCS, "max_tokens_per_query": 5})
+    assert cut.status == 200, cut.raw
+    # The same as the query's first 5 text tokens sent as the query: special tokens are not counted.
+    short = call(colbert_server, "/rerank", {"query": short_query, "documents": DOCS})
+    assert without_id(cut.json()) == without_id(short.json())
+    # Documents are not touched: a long document is still over-long.
+    both = call(
+        colbert_server,
+        "/score",
+        {"queries": [long_query, QUERY], "documents": [DOCS[0], "word " * 200], "max_tokens_per_query": 5},
+    )
+    assert both.status == 400 and both.json()["error"]["param"] == "input_tokens"
+    pairwise = call(
+        colbert_server,
+        "/score",
+        {"queries": [long_query, QUERY], "documents": DOCS[:2], "max_tokens_per_query": 5, "max_tokens_per_doc": 3},
+    )
+    plain = call(
+        colbert_server,
+        "/score",
+        {
+            "queries": [short_query, QUERY],
+            "documents": DOCS[:2],
+            "max_tokens_per_doc": 3,
+        },
+    )
+    assert pairwise.status == 200 and plain.status == 200
+    assert [d["score"] for d in pairwise.json()["data"]] == pytest.approx(
+        [d["score"] for d in plain.json()["data"]], rel=1e-6
+    )
+    negative = call(colbert_server, "/rerank", {"query": QUERY, "documents": ["x"], "max_tokens_per_query": -2})
+    assert negative.status == 400
+    assert (
+        negative.json()["error"]
+        == envelope(
+            400,
+            "BadRequestError",
+            "max_tokens_per_query must be >= 0 (0: no truncation), got -2",
+            "max_tokens_per_query",
+        )["error"]
+    )
+
+
+def test_max_tokens_per_query_over_grpc(colbert_channel: grpc.Channel) -> None:
+    long_query = common_pb2.Input(text="learning machines " * 100)
+    documents = [common_pb2.Input(text=d) for d in DOCS]
+    ids = (
+        TokenizeServiceStub(colbert_channel)
+        .Tokenize(TokenizeRequest(prompt="learning machines " * 100, add_special_tokens=False))
+        .tokens[:5]
+    )
+    text = TokenizeServiceStub(colbert_channel).Detokenize(DetokenizeRequest(tokens=ids)).prompt
+    short = common_pb2.Input(text=text)
+    rerank = rerank_service_pb2_grpc.RerankServiceStub(colbert_channel).Rerank
+    got = rerank(rerank_service_pb2.RerankRequest(query=long_query, documents=documents, max_tokens_per_query=5))
+    want = rerank(rerank_service_pb2.RerankRequest(query=short, documents=documents))
+    assert [(r.index, r.relevance_score) for r in got.results] == [(r.index, r.relevance_score) for r in want.results]
+    assert got.usage.prompt_tokens == want.usage.prompt_tokens
+    score = score_service_pb2_grpc.ScoreServiceStub(colbert_channel).Score
+    with pytest.raises(grpc.RpcError) as info:
+        score(score_service_pb2.ScoreRequest(queries=[short], documents=documents, max_tokens_per_query=-1))
+    error = info.value
+    details = unpack_details(error.code(), error.details(), rpc_status.from_call(error))
+    assert (error.code(), details.field) == (grpc.StatusCode.INVALID_ARGUMENT, "max_tokens_per_query")
 
 
 # ---------------------------------------------------------------- Cohere v1 document objects

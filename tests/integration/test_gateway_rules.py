@@ -280,7 +280,6 @@ def test_reserved_template_kwargs_are_400(server: LiveServer) -> None:
         ("/pooling", "priority", 1),
         ("/pooling", "softmax", False),
         ("/tokenize", "tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("/score", "max_tokens_per_query", 4),
         ("/rerank", "cache_salt", "tenant"),
     ],
 )

@@ -164,7 +164,11 @@ class ScoringFields(PoolingBasicFields, ClassifyFields):
     score_mode: str | None = Field(
         default=None, description="lateserve extension: score mode for models with several (BGE-M3)."
     )
-    max_tokens_per_query: int = Field(default=0, description="Refused unless 0 (no per-query truncation).")
+    max_tokens_per_query: Int32 = Field(
+        default=0,
+        description="vLLM: cut each query's text to its first max_tokens_per_query tokens (special tokens not "
+        "counted) before scoring; 0: no per-query truncation.",
+    )
     max_tokens_per_doc: Int32 = Field(
         default=0,
         description="Cohere v2 / vLLM: cut each document's text to its first max_tokens_per_doc tokens (special "

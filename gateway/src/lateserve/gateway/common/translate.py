@@ -50,7 +50,6 @@ UNHONOURED: dict[str, tuple[object, str]] = {
     "tools": (None, "tools is not supported: the chat template is rendered without tools"),
     "softmax": (None, "softmax is a removed name of use_activation; send use_activation instead"),
     "activation": (None, "activation is a removed name of use_activation; send use_activation instead"),
-    "max_tokens_per_query": (0, "max_tokens_per_query is not supported; use truncate_prompt_tokens"),
 }
 
 

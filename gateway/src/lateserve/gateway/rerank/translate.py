@@ -51,6 +51,7 @@ def rerank_request_to_proto(body: RerankRequest, request_id: str) -> rerank_serv
         score_mode=body.score_mode or "",
         use_activation=body.use_activation,
         max_tokens_per_doc=body.max_tokens_per_doc or None,
+        max_tokens_per_query=body.max_tokens_per_query or None,
     )
 
 

@@ -24,6 +24,7 @@ def score_request_to_proto(body: ScoreRequest, request_id: str) -> score_service
         use_activation=body.use_activation,
         return_similarity_maps=bool(body.return_similarity_maps),
         max_tokens_per_doc=body.max_tokens_per_doc or None,
+        max_tokens_per_query=body.max_tokens_per_query or None,
     )
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lateserve.v1 import common_pb2 as lateserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!lateserve/v1/rerank_service.proto\x12\x0clateserve.v1\x1a\x19lateserve/v1/common.proto\"\xc6\x02\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05query\x18\x02 \x01(\x0b\x32\x13.lateserve.v1.Input\x12&\n\tdocuments\x18\x03 \x03(\x0b\x32\x13.lateserve.v1.Input\x12\x12\n\x05top_n\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.lateserve.v1.EncodeOptions\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nscore_mode\x18\x07 \x01(\t\x12\x1b\n\x0euse_activation\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12\x1f\n\x12max_tokens_per_doc\x18\t \x01(\x05H\x02\x88\x01\x01\x42\x08\n\x06_top_nB\x11\n\x0f_use_activationB\x15\n\x13_max_tokens_per_doc\"]\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12%\n\x08\x64ocument\x18\x02 \x01(\x0b\x32\x13.lateserve.v1.Input\x12\x17\n\x0frelevance_score\x18\x03 \x01(\x01\"\xa4\x01\n\x0eRerankResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.lateserve.v1.RerankResult\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.lateserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.lateserve.v1.Timings2T\n\rRerankService\x12\x43\n\x06Rerank\x12\x1b.lateserve.v1.RerankRequest\x1a\x1c.lateserve.v1.RerankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!lateserve/v1/rerank_service.proto\x12\x0clateserve.v1\x1a\x19lateserve/v1/common.proto\"\x82\x03\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05query\x18\x02 \x01(\x0b\x32\x13.lateserve.v1.Input\x12&\n\tdocuments\x18\x03 \x03(\x0b\x32\x13.lateserve.v1.Input\x12\x12\n\x05top_n\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.lateserve.v1.EncodeOptions\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nscore_mode\x18\x07 \x01(\t\x12\x1b\n\x0euse_activation\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12\x1f\n\x12max_tokens_per_doc\x18\t \x01(\x05H\x02\x88\x01\x01\x12!\n\x14max_tokens_per_query\x18\n \x01(\x05H\x03\x88\x01\x01\x42\x08\n\x06_top_nB\x11\n\x0f_use_activationB\x15\n\x13_max_tokens_per_docB\x17\n\x15_max_tokens_per_query\"]\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12%\n\x08\x64ocument\x18\x02 \x01(\x0b\x32\x13.lateserve.v1.Input\x12\x17\n\x0frelevance_score\x18\x03 \x01(\x01\"\xa4\x01\n\x0eRerankResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.lateserve.v1.RerankResult\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.lateserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.lateserve.v1.Timings2T\n\rRerankService\x12\x43\n\x06Rerank\x12\x1b.lateserve.v1.RerankRequest\x1a\x1c.lateserve.v1.RerankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lateserve.v1.rerank_service
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RERANKREQUEST']._serialized_start=79
-  _globals['_RERANKREQUEST']._serialized_end=405
-  _globals['_RERANKRESULT']._serialized_start=407
-  _globals['_RERANKRESULT']._serialized_end=500
-  _globals['_RERANKRESPONSE']._serialized_start=503
-  _globals['_RERANKRESPONSE']._serialized_end=667
-  _globals['_RERANKSERVICE']._serialized_start=669
-  _globals['_RERANKSERVICE']._serialized_end=753
+  _globals['_RERANKREQUEST']._serialized_end=465
+  _globals['_RERANKRESULT']._serialized_start=467
+  _globals['_RERANKRESULT']._serialized_end=560
+  _globals['_RERANKRESPONSE']._serialized_start=563
+  _globals['_RERANKRESPONSE']._serialized_end=727
+  _globals['_RERANKSERVICE']._serialized_start=729
+  _globals['_RERANKSERVICE']._serialized_end=813
 # @@protoc_insertion_point(module_scope)

@@ -34,6 +34,7 @@ class RerankRequest(_message.Message):
     SCORE_MODE_FIELD_NUMBER: _builtins.int
     USE_ACTIVATION_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_PER_DOC_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_PER_QUERY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty selects the server's model. An unknown name is NOT_FOUND."""
     top_n: _builtins.int
@@ -59,6 +60,12 @@ class RerankRequest(_message.Message):
     counted) before it is encoded. Unset or 0: no per-document truncation. Negative is
     INVALID_ARGUMENT with field max_tokens_per_doc.
     """
+    max_tokens_per_query: _builtins.int
+    """vLLM's max_tokens_per_query (added after max_tokens_per_doc, hence the next number): when > 0,
+    each text query (and each text part of a multimodal query) is cut to its first
+    max_tokens_per_query tokens (special tokens not counted) before it is encoded. Unset or 0: no
+    per-query truncation. Negative is INVALID_ARGUMENT with field max_tokens_per_query.
+    """
     @_builtins.property
     def query(self) -> _common_pb2.Input:
         """Required. The query."""
@@ -83,19 +90,24 @@ class RerankRequest(_message.Message):
         score_mode: _builtins.str = ...,
         use_activation: _builtins.bool | None = ...,
         max_tokens_per_doc: _builtins.int | None = ...,
+        max_tokens_per_query: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc", "_top_n", b"_top_n", "_use_activation", b"_use_activation", "max_tokens_per_doc", b"max_tokens_per_doc", "options", b"options", "query", b"query", "top_n", b"top_n", "use_activation", b"use_activation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc", "_max_tokens_per_query", b"_max_tokens_per_query", "_top_n", b"_top_n", "_use_activation", b"_use_activation", "max_tokens_per_doc", b"max_tokens_per_doc", "max_tokens_per_query", b"max_tokens_per_query", "options", b"options", "query", b"query", "top_n", b"top_n", "use_activation", b"use_activation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc", "_top_n", b"_top_n", "_use_activation", b"_use_activation", "documents", b"documents", "max_tokens_per_doc", b"max_tokens_per_doc", "model", b"model", "options", b"options", "query", b"query", "request_id", b"request_id", "score_mode", b"score_mode", "top_n", b"top_n", "use_activation", b"use_activation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc", "_max_tokens_per_query", b"_max_tokens_per_query", "_top_n", b"_top_n", "_use_activation", b"_use_activation", "documents", b"documents", "max_tokens_per_doc", b"max_tokens_per_doc", "max_tokens_per_query", b"max_tokens_per_query", "model", b"model", "options", b"options", "query", b"query", "request_id", b"request_id", "score_mode", b"score_mode", "top_n", b"top_n", "use_activation", b"use_activation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens_per_doc: _TypeAlias = _typing.Literal["max_tokens_per_doc"]  # noqa: Y015
     _WhichOneofArgType__max_tokens_per_doc: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc"]  # noqa: Y015
+    _WhichOneofReturnType__max_tokens_per_query: _TypeAlias = _typing.Literal["max_tokens_per_query"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens_per_query: _TypeAlias = _typing.Literal["_max_tokens_per_query", b"_max_tokens_per_query"]  # noqa: Y015
     _WhichOneofReturnType__top_n: _TypeAlias = _typing.Literal["top_n"]  # noqa: Y015
     _WhichOneofArgType__top_n: _TypeAlias = _typing.Literal["_top_n", b"_top_n"]  # noqa: Y015
     _WhichOneofReturnType__use_activation: _TypeAlias = _typing.Literal["use_activation"]  # noqa: Y015
     _WhichOneofArgType__use_activation: _TypeAlias = _typing.Literal["_use_activation", b"_use_activation"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens_per_doc) -> _WhichOneofReturnType__max_tokens_per_doc | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens_per_query) -> _WhichOneofReturnType__max_tokens_per_query | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_n) -> _WhichOneofReturnType__top_n | None: ...
     @_typing.overload

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lateserve.v1 import common_pb2 as lateserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lateserve/v1/score_service.proto\x12\x0clateserve.v1\x1a\x19lateserve/v1/common.proto\"\xc9\x02\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07queries\x18\x02 \x03(\x0b\x32\x13.lateserve.v1.Input\x12&\n\tdocuments\x18\x03 \x03(\x0b\x32\x13.lateserve.v1.Input\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.lateserve.v1.EncodeOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x12\n\nscore_mode\x18\x06 \x01(\t\x12\x1b\n\x0euse_activation\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16return_similarity_maps\x18\x08 \x01(\x08\x12\x1f\n\x12max_tokens_per_doc\x18\t \x01(\x05H\x01\x88\x01\x01\x42\x11\n\x0f_use_activationB\x15\n\x13_max_tokens_per_doc\"}\n\rSimilarityMap\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x14\n\x0cquery_tokens\x18\x04 \x03(\t\x12\"\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x14.lateserve.v1.Tensor\"a\n\x0bScoreResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x34\n\x0fsimilarity_maps\x18\x03 \x03(\x0b\x32\x1b.lateserve.v1.SimilarityMap\"\xa2\x01\n\rScoreResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.lateserve.v1.ScoreResult\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.lateserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.lateserve.v1.Timings2P\n\x0cScoreService\x12@\n\x05Score\x12\x1a.lateserve.v1.ScoreRequest\x1a\x1b.lateserve.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lateserve/v1/score_service.proto\x12\x0clateserve.v1\x1a\x19lateserve/v1/common.proto\"\x85\x03\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07queries\x18\x02 \x03(\x0b\x32\x13.lateserve.v1.Input\x12&\n\tdocuments\x18\x03 \x03(\x0b\x32\x13.lateserve.v1.Input\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.lateserve.v1.EncodeOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x12\n\nscore_mode\x18\x06 \x01(\t\x12\x1b\n\x0euse_activation\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16return_similarity_maps\x18\x08 \x01(\x08\x12\x1f\n\x12max_tokens_per_doc\x18\t \x01(\x05H\x01\x88\x01\x01\x12!\n\x14max_tokens_per_query\x18\n \x01(\x05H\x02\x88\x01\x01\x42\x11\n\x0f_use_activationB\x15\n\x13_max_tokens_per_docB\x17\n\x15_max_tokens_per_query\"}\n\rSimilarityMap\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x14\n\x0cquery_tokens\x18\x04 \x03(\t\x12\"\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x14.lateserve.v1.Tensor\"a\n\x0bScoreResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x34\n\x0fsimilarity_maps\x18\x03 \x03(\x0b\x32\x1b.lateserve.v1.SimilarityMap\"\xa2\x01\n\rScoreResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.lateserve.v1.ScoreResult\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.lateserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.lateserve.v1.Timings2P\n\x0cScoreService\x12@\n\x05Score\x12\x1a.lateserve.v1.ScoreRequest\x1a\x1b.lateserve.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lateserve.v1.score_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCOREREQUEST']._serialized_start=78
-  _globals['_SCOREREQUEST']._serialized_end=407
-  _globals['_SIMILARITYMAP']._serialized_start=409
-  _globals['_SIMILARITYMAP']._serialized_end=534
-  _globals['_SCORERESULT']._serialized_start=536
-  _globals['_SCORERESULT']._serialized_end=633
-  _globals['_SCORERESPONSE']._serialized_start=636
-  _globals['_SCORERESPONSE']._serialized_end=798
-  _globals['_SCORESERVICE']._serialized_start=800
-  _globals['_SCORESERVICE']._serialized_end=880
+  _globals['_SCOREREQUEST']._serialized_end=467
+  _globals['_SIMILARITYMAP']._serialized_start=469
+  _globals['_SIMILARITYMAP']._serialized_end=594
+  _globals['_SCORERESULT']._serialized_start=596
+  _globals['_SCORERESULT']._serialized_end=693
+  _globals['_SCORERESPONSE']._serialized_start=696
+  _globals['_SCORERESPONSE']._serialized_end=858
+  _globals['_SCORESERVICE']._serialized_start=860
+  _globals['_SCORESERVICE']._serialized_end=940
 # @@protoc_insertion_point(module_scope)

@@ -70,12 +70,12 @@ class PairScores:
     maps: list[list[SimilarityMap]] | None = None
 
 
-def truncate_documents(engine: Engine, documents: Seq[Item], max_tokens: int) -> list[Item]:
-    """Each text document (and each text part of a multimodal one) cut to its first `max_tokens`
-    tokens, special tokens not counted (vLLM's max_tokens_per_doc); other items as they are."""
+def truncate_texts(engine: Engine, items: Seq[Item], max_tokens: int) -> list[Item]:
+    """Each text item (and each text part of a multimodal one) cut to its first `max_tokens` tokens,
+    special tokens not counted (vLLM's max_tokens_per_doc / max_tokens_per_query); other items as they are."""
     processor = engine.processor
     out: list[Item] = []
-    for item in documents:
+    for item in items:
         if isinstance(item, TextItem):
             out.append(TextItem(processor.truncate_text(item.text, max_tokens)))
         elif isinstance(item, MultiModalItem):
@@ -203,17 +203,19 @@ async def score_pairs(
     use_activation: bool = True,
     similarity_maps: bool = False,
     max_tokens_per_doc: int = 0,
+    max_tokens_per_query: int = 0,
 ) -> PairScores:
     """Pair (1:1, 1:N, N:N) and score; a shared query is encoded once and counted once in usage.
-    `max_tokens_per_doc` > 0 cuts each document's text to that many tokens first (off the event loop)."""
+    `max_tokens_per_doc` / `max_tokens_per_query` > 0 cut each document's / query's text to that many
+    tokens first (off the event loop), as vLLM's scoring requests."""
     pairs = pair_indices(len(queries), len(documents))
-    if max_tokens_per_doc < 0:
-        raise InvalidArgument(
-            f"max_tokens_per_doc must be >= 0 (0: no truncation), got {max_tokens_per_doc}",
-            field="max_tokens_per_doc",
-        )
+    for name, limit in (("max_tokens_per_query", max_tokens_per_query), ("max_tokens_per_doc", max_tokens_per_doc)):
+        if limit < 0:
+            raise InvalidArgument(f"{name} must be >= 0 (0: no truncation), got {limit}", field=name)
+    if max_tokens_per_query > 0:
+        queries = await engine.prepare(truncate_texts, engine, queries, max_tokens_per_query)
     if max_tokens_per_doc > 0:
-        documents = await engine.prepare(truncate_documents, engine, documents, max_tokens_per_doc)
+        documents = await engine.prepare(truncate_texts, engine, documents, max_tokens_per_doc)
     if similarity_maps and (engine.spec.kind != ModelKind.LATE_INTERACTION or score_mode):
         raise InvalidArgument(
             "return_similarity_maps needs a late-interaction model scoring by MaxSim", field="return_similarity_maps"

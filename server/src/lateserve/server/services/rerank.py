@@ -69,6 +69,7 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
                 request.score_mode,
                 use_activation=request.use_activation if request.HasField("use_activation") else True,
                 max_tokens_per_doc=request.max_tokens_per_doc,
+                max_tokens_per_query=request.max_tokens_per_query,
             )
         except LateserveError as exc:
             query_path(exc)

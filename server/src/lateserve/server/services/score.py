@@ -53,6 +53,7 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
             request.score_mode,
             use_activation=request.use_activation if request.HasField("use_activation") else True,
             max_tokens_per_doc=request.max_tokens_per_doc,
+            max_tokens_per_query=request.max_tokens_per_query,
             similarity_maps=request.return_similarity_maps,
         )
         results = [
