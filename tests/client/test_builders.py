@@ -19,6 +19,7 @@ from lateserve.client import (
     NotFoundError,
     OverloadedError,
     ProtocolError,
+    UnauthenticatedError,
     UnavailableError,
     UnsupportedTaskError,
     requests,
@@ -120,6 +121,25 @@ def test_score_request_accepts_str_or_list_each_side() -> None:
     assert one_to_many.score_mode == "colbert" and one_to_many.request_id == "r1"
     one_to_one = requests.score_request("q", "d")
     assert [d.text for d in one_to_one.documents] == ["d"]
+
+
+def test_per_side_token_limits_only_when_given() -> None:
+    for build in (requests.rerank_request, requests.score_request):
+        request = build("q", ["d"], max_tokens_per_doc=5, max_tokens_per_query=0)
+        assert request.HasField("max_tokens_per_doc") and request.max_tokens_per_doc == 5
+        assert request.HasField("max_tokens_per_query") and request.max_tokens_per_query == 0
+        plain = build("q", ["d"])
+        assert not plain.HasField("max_tokens_per_doc") and not plain.HasField("max_tokens_per_query")
+        with pytest.raises(TypeError):
+            build("q", ["d"], max_tokens_per_query=2.5)  # type: ignore[arg-type]
+
+
+def test_auth_metadata() -> None:
+    assert requests.auth_metadata("sk-1") == (("authorization", "Bearer sk-1"),)
+    assert requests.auth_metadata(None) == ()
+    for bad in ("", " sk", "sk\n", "clé"):
+        with pytest.raises(ValueError, match="api_key"):
+            requests.auth_metadata(bad)
 
 
 def test_encode_options_truncation_side() -> None:
@@ -437,6 +457,7 @@ def test_rich_status_carries_field_retry_and_metadata() -> None:
         (grpc.StatusCode.UNIMPLEMENTED, UnsupportedTaskError),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, OverloadedError),
         (grpc.StatusCode.UNAVAILABLE, UnavailableError),
+        (grpc.StatusCode.UNAUTHENTICATED, UnauthenticatedError),
         (grpc.StatusCode.UNKNOWN, LateserveError),
     ],
 )

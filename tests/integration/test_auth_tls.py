@@ -1,6 +1,7 @@
 """--api-key and TLS against live servers, with certificates made in the test (openssl CLI):
 HTTP Bearer keys (401 in vLLM's envelope, public probes open), gRPC `authorization` metadata
-(UNAUTHENTICATED; health and reflection open), the sidecar gateway forwarding the caller's key, HTTPS
+(UNAUTHENTICATED; health and reflection open), the Python clients' api_key (sync and asyncio, unary and
+streaming, plain and mutual TLS), the sidecar gateway forwarding the caller's key, HTTPS
 (plain HTTP refused on that port), gRPC TLS, and mutual TLS refusing a client without a certificate."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from lateserve.client import AsyncLateserveClient, LateserveClient, UnauthenticatedError
 from lateserve.gateway.app import start_gateway
 from lateserve.gateway.config import GatewayConfig
 from lateserve.server.config import ServerConfig
@@ -171,6 +173,32 @@ def test_grpc_needs_the_authorization_metadata(keyed: LiveServer) -> None:
         assert any(s.name == "lateserve.v1.RerankService" for s in answers[0].list_services_response.service)
 
 
+def test_python_client_sends_its_api_key(keyed: LiveServer) -> None:
+    documents = RERANK["documents"]
+    with LateserveClient(keyed.grpc_target, timeout=30, api_key=KEY) as client:
+        assert len(client.rerank(RERANK["query"], documents).results) == 2
+        assert len(client.score(RERANK["query"], documents).scores) == 2
+        assert [i for i, _ in client.pool_stream(documents)] == [0, 1]  # streams carry the key too
+        assert client.info().models
+    for key in (None, "wrong"):
+        with LateserveClient(keyed.grpc_target, timeout=30, api_key=key) as client:
+            with pytest.raises(UnauthenticatedError) as info:
+                client.rerank(RERANK["query"], documents)
+            assert info.value.code == grpc.StatusCode.UNAUTHENTICATED, key
+            with pytest.raises(UnauthenticatedError):
+                list(client.pool_stream(documents))
+
+
+async def test_async_python_client_sends_its_api_key(keyed: LiveServer) -> None:
+    async with AsyncLateserveClient(keyed.grpc_target, timeout=30, api_key=KEY) as client:
+        ranking = await client.rerank(RERANK["query"], RERANK["documents"], max_tokens_per_doc=2)
+        assert len(ranking.results) == 2
+        assert [i async for i, _ in client.pool_stream(RERANK["documents"])] == [0, 1]
+    async with AsyncLateserveClient(keyed.grpc_target, timeout=30) as client:
+        with pytest.raises(UnauthenticatedError):
+            await client.score(RERANK["query"], RERANK["documents"])
+
+
 def test_sidecar_forwards_the_callers_key(keyed: LiveServer) -> None:
     runner = keyed.call(start_gateway(GatewayConfig(grpc_target=keyed.grpc_target, host="127.0.0.1", port=0)))
     try:
@@ -236,6 +264,19 @@ def test_grpc_mutual_tls(secure: LiveServer, pki: Pki) -> None:
         with pytest.raises(grpc.RpcError) as info:
             rerank_service_pb2_grpc.RerankServiceStub(channel).Rerank(rerank_request(), metadata=auth, timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_python_client_over_mutual_tls_with_a_key(secure: LiveServer, pki: Pki) -> None:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.read_bytes(),
+        private_key=pki.client_key.read_bytes(),
+        certificate_chain=pki.client_cert.read_bytes(),
+    )
+    target = f"localhost:{secure.server.grpc_port}"
+    with LateserveClient(target, timeout=30, credentials=credentials, api_key=KEY) as client:
+        assert len(client.rerank(RERANK["query"], RERANK["documents"]).results) == 2
+    with LateserveClient(target, timeout=30, credentials=credentials) as client, pytest.raises(UnauthenticatedError):
+        client.rerank(RERANK["query"], RERANK["documents"])
 
 
 def test_sidecar_over_mutual_tls(secure: LiveServer, pki: Pki) -> None:

@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lateserve.client import AsyncLateserveClient, LateserveClient, NotFoundError, UnsupportedTaskError
+from lateserve.client import (
+    AsyncLateserveClient,
+    InvalidArgumentError,
+    LateserveClient,
+    NotFoundError,
+    UnsupportedTaskError,
+)
 from tests.live import LiveServer
 from tests.reference import BertColbertReference
 
@@ -53,3 +59,23 @@ async def test_async_client_round_trip(colbert_server: LiveServer, reference: Be
         np.testing.assert_allclose(pooled.arrays[0], reference.token_embed(QUERY), atol=1e-5)
         chunks = [item async for item in client.pool_stream([QUERY, DOCS[1]], max_chunk_bytes=100)]
         assert [i for i, _ in chunks] == [0, 1]
+
+
+def test_client_per_side_token_limits(colbert_server: LiveServer, reference: BertColbertReference) -> None:
+    long_query, long_doc = "learning machines " * 100, "deep learning " * 100  # both over max_model_len 64
+    ids = reference.tokenizer(long_query, add_special_tokens=False)["input_ids"][:5]
+    short_query = reference.tokenizer.decode(ids)
+    doc_ids = reference.tokenizer(long_doc, add_special_tokens=False)["input_ids"][:4]
+    short_doc = reference.tokenizer.decode(doc_ids)
+    want = reference.maxsim(short_query, short_doc)
+    with LateserveClient(colbert_server.grpc_target, timeout=30) as client:
+        with pytest.raises(InvalidArgumentError):
+            client.score(long_query, [long_doc])
+        got = client.score(long_query, [long_doc], max_tokens_per_query=5, max_tokens_per_doc=4)
+        assert got.scores[0] == pytest.approx(want, rel=1e-5)
+        ranking = client.rerank(long_query, [long_doc], max_tokens_per_query=5, max_tokens_per_doc=4)
+        assert ranking.results[0].relevance_score == pytest.approx(want, rel=1e-5)
+        with pytest.raises(InvalidArgumentError) as info:
+            client.rerank(QUERY, DOCS, max_tokens_per_query=-1)
+        assert info.value.field == "max_tokens_per_query"
+        assert info.value.message == "max_tokens_per_query must be >= 0 (0: no truncation), got -1"

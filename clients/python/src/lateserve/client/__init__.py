@@ -12,6 +12,7 @@ from lateserve.client.errors import (
     NotFoundError,
     OverloadedError,
     ProtocolError,
+    UnauthenticatedError,
     UnavailableError,
     UnsupportedTaskError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "ServerInfo",
     "Timings",
     "TokenizeResult",
+    "UnauthenticatedError",
     "UnavailableError",
     "UnsupportedTaskError",
     "Usage",

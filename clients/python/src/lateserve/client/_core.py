@@ -206,7 +206,8 @@ class _StreamRpc(_Rpc, Generic[_P]):
 
 
 class ClientCore(Generic[_Channel]):
-    """What the blocking and the asyncio client share: the channel's stubs and every RPC method.
+    """What the blocking and the asyncio client share: the channel's stubs, the per-call metadata (the API
+    key) and every RPC method.
 
     A client class supplies `_connect` (open its kind of channel), `_unary_method` (make the
     method that runs a builder's unary call, blocking or awaited) and `_stream` (run a
@@ -220,9 +221,13 @@ class ClientCore(Generic[_Channel]):
         timeout: float | None = None,
         max_message_bytes: int = 64 << 20,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
     ) -> None:
         self._channel: _Channel = self._connect(target, credentials, requests.channel_options(max_message_bytes))
         self._timeout = timeout
+        # Sent with every call rather than as call credentials, which gRPC only allows on TLS channels: a
+        # server behind a TLS-terminating proxy, or on loopback, still gets its key.
+        self._metadata: tuple[tuple[str, str], ...] = requests.auth_metadata(api_key)
         self._rerank = rerank_service_pb2_grpc.RerankServiceStub(self._channel)
         self._score = score_service_pb2_grpc.ScoreServiceStub(self._channel)
         self._pool = pool_service_pb2_grpc.PoolServiceStub(self._channel)
@@ -257,8 +262,13 @@ class ClientCore(Generic[_Channel]):
         embedding_mode: EmbeddingModeName | None = None,
         score_mode: str = "",
         request_id: str = "",
+        max_tokens_per_doc: int | None = None,
+        max_tokens_per_query: int | None = None,
     ) -> Unary[Ranking]:
-        """Ranks documents against the query, best first (only the best top_n when given)."""
+        """Ranks documents against the query, best first (only the best top_n when given).
+
+        max_tokens_per_doc / max_tokens_per_query (> 0): cut each document's / the query's text to its first
+        that many tokens (special tokens not counted) before scoring, as vLLM's fields of the same names."""
         request = requests.rerank_request(
             query,
             documents,
@@ -268,6 +278,8 @@ class ClientCore(Generic[_Channel]):
             embedding_mode=embedding_mode,
             score_mode=score_mode,
             request_id=request_id,
+            max_tokens_per_doc=max_tokens_per_doc,
+            max_tokens_per_query=max_tokens_per_query,
         )
         return Unary(self._rerank.Rerank, request, responses.ranking)
 
@@ -282,8 +294,12 @@ class ClientCore(Generic[_Channel]):
         embedding_mode: EmbeddingModeName | None = None,
         score_mode: str = "",
         request_id: str = "",
+        max_tokens_per_doc: int | None = None,
+        max_tokens_per_query: int | None = None,
     ) -> Unary[Scores]:
-        """Scores pairs: one query against every document, or queries and documents zipped."""
+        """Scores pairs: one query against every document, or queries and documents zipped.
+
+        max_tokens_per_doc / max_tokens_per_query as rerank()."""
         request = requests.score_request(
             queries,
             documents,
@@ -292,6 +308,8 @@ class ClientCore(Generic[_Channel]):
             embedding_mode=embedding_mode,
             score_mode=score_mode,
             request_id=request_id,
+            max_tokens_per_doc=max_tokens_per_doc,
+            max_tokens_per_query=max_tokens_per_query,
         )
         return Unary(self._score.Score, request, responses.scores)
 

@@ -23,7 +23,9 @@ class AsyncLateserveClient(ClientCore[grpc.aio.Channel]):
     """Asyncio lateserve client. Use as an async context manager, or await close().
 
     `timeout` is the deadline in seconds of every call (None: no deadline); `max_message_bytes`
-    caps messages both ways (64 MiB default; use pool_stream for larger outputs).
+    caps messages both ways (64 MiB default; use pool_stream for larger outputs); `credentials` opens a TLS
+    channel; `api_key` is sent with every call as `authorization: Bearer <key>` metadata, what a server started
+    with --api-key requires (a missing or wrong key raises UnauthenticatedError).
     """
 
     def _connect(
@@ -50,14 +52,14 @@ class AsyncLateserveClient(ClientCore[grpc.aio.Channel]):
         async def method(self: AsyncLateserveClient, /, *args: Any, **kwargs: Any) -> _R:
             call = build(self, *args, **kwargs)
             with rpc_errors():
-                response = await call.method(call.request, timeout=self._timeout)
+                response = await call.method(call.request, timeout=self._timeout, metadata=self._metadata)
             return call.convert(response)
 
         return method
 
     async def _stream(self, call: Stream) -> AsyncIterator[Chunk]:
         assembler = responses.StreamAssembler()
-        stream = call.method(call.request, timeout=self._timeout)
+        stream = call.method(call.request, timeout=self._timeout, metadata=self._metadata)
         with rpc_errors(cancel=stream.cancel):
             async for message in stream:
                 done = assembler.feed(message)

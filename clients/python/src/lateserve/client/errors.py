@@ -56,6 +56,10 @@ class UnavailableError(LateserveError):
     """The server or its workers cannot answer now (down, restarting, shutting down)."""
 
 
+class UnauthenticatedError(LateserveError):
+    """The server requires an API key (--api-key) and the call had none or a wrong one: pass api_key=."""
+
+
 class ProtocolError(LateserveError):
     """The server's reply broke the lateserve.v1 contract (e.g. a stream chunk out of order)."""
 
@@ -80,6 +84,7 @@ _BY_CODE: dict[grpc.StatusCode, type[LateserveError]] = {
     grpc.StatusCode.UNIMPLEMENTED: UnsupportedTaskError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 
 

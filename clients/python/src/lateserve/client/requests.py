@@ -130,6 +130,8 @@ def rerank_request(
     embedding_mode: EmbeddingModeName | None = None,
     score_mode: str = "",
     request_id: str = "",
+    max_tokens_per_doc: int | None = None,
+    max_tokens_per_query: int | None = None,
 ) -> RerankRequest:
     """A RerankRequest; documents must be a list (a lone str would be split into characters)."""
     if isinstance(documents, str):
@@ -144,7 +146,32 @@ def rerank_request(
     )
     if top_n is not None:
         request.top_n = top_n
+    _set_token_limits(request, max_tokens_per_doc, max_tokens_per_query)
     return request
+
+
+def _set_token_limits(
+    request: RerankRequest | ScoreRequest, max_tokens_per_doc: int | None, max_tokens_per_query: int | None
+) -> None:
+    """The per-side truncations, set only when given (unset and 0 both mean none; the server checks the range)."""
+    if max_tokens_per_doc is not None:
+        request.max_tokens_per_doc = operator.index(max_tokens_per_doc)
+    if max_tokens_per_query is not None:
+        request.max_tokens_per_query = operator.index(max_tokens_per_query)
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata carrying `api_key` as the server's --api-key expects (`authorization: Bearer <key>`);
+    none without a key. A key gRPC cannot send (not printable ASCII) is a ValueError here, not a failed call.
+
+    >>> auth_metadata("sk-1"), auth_metadata(None)
+    ((('authorization', 'Bearer sk-1'),), ())
+    """
+    if api_key is None:
+        return ()
+    if not api_key or not api_key.isascii() or not api_key.isprintable() or api_key != api_key.strip():
+        raise ValueError("api_key must be non-empty printable ASCII without surrounding spaces")
+    return (("authorization", f"Bearer {api_key}"),)
 
 
 def score_request(
@@ -156,9 +183,11 @@ def score_request(
     embedding_mode: EmbeddingModeName | None = None,
     score_mode: str = "",
     request_id: str = "",
+    max_tokens_per_doc: int | None = None,
+    max_tokens_per_query: int | None = None,
 ) -> ScoreRequest:
     """A ScoreRequest: one query against every document, or queries and documents zipped."""
-    return ScoreRequest(
+    request = ScoreRequest(
         model=model,
         queries=to_inputs(queries),
         documents=to_inputs(documents),
@@ -166,6 +195,8 @@ def score_request(
         request_id=request_id,
         score_mode=score_mode,
     )
+    _set_token_limits(request, max_tokens_per_doc, max_tokens_per_query)
+    return request
 
 
 def _pool_fields(

@@ -23,7 +23,9 @@ class LateserveClient(ClientCore[grpc.Channel]):
     """Blocking lateserve client. Use as a context manager, or call close().
 
     `timeout` is the deadline in seconds of every call (None: no deadline); `max_message_bytes`
-    caps messages both ways (64 MiB default; use pool_stream for larger outputs).
+    caps messages both ways (64 MiB default; use pool_stream for larger outputs); `credentials` opens a TLS
+    channel; `api_key` is sent with every call as `authorization: Bearer <key>` metadata, what a server started
+    with --api-key requires (a missing or wrong key raises UnauthenticatedError).
     """
 
     def _connect(
@@ -50,14 +52,14 @@ class LateserveClient(ClientCore[grpc.Channel]):
         def method(self: LateserveClient, /, *args: Any, **kwargs: Any) -> _R:
             call = build(self, *args, **kwargs)
             with rpc_errors():
-                response = call.method(call.request, timeout=self._timeout)
+                response = call.method(call.request, timeout=self._timeout, metadata=self._metadata)
             return call.convert(response)
 
         return method
 
     def _stream(self, call: Stream) -> Iterator[Chunk]:
         assembler = responses.StreamAssembler()
-        stream = call.method(call.request, timeout=self._timeout)
+        stream = call.method(call.request, timeout=self._timeout, metadata=self._metadata)
         with rpc_errors(cancel=stream.cancel):
             for message in stream:
                 done = assembler.feed(message)
