@@ -123,7 +123,12 @@ class Server:
             heartbeat_s=cfg.worker_heartbeat,
         )
         queue: BatchQueue[Ticket] = BatchQueue(max(cfg.max_num_batched_tokens, spec.max_model_len), cfg.max_num_seqs)
-        self._batcher = Batcher(self.pool, queue, batch_timeout_s=cfg.worker_batch_timeout)
+        self._batcher = Batcher(
+            self.pool,
+            queue,
+            batch_timeout_s=cfg.worker_batch_timeout,
+            lend_cores_min_s=cfg.lend_cores_min_ms / 1000 if cfg.lend_cores_min_ms >= 0 else -1.0,
+        )
         self.engine = Engine(
             spec,
             processor,

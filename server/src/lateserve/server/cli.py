@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="least seconds a batch may take before its worker counts as frozen (else 10x its measured time)",
     )
+    parser.add_argument(
+        "--lend-cores-min-ms",
+        type=float,
+        default=100.0,
+        help="CPU: a lone batch expected to take at least this long on one worker also computes on the idle "
+        "workers' cores (more threads; -1: never)",
+    )
     serve.add_argument(
         "--worker-heartbeat", type=float, default=5.0, help="seconds an idle worker has to answer a ping"
     )
@@ -218,6 +225,7 @@ def _config(ns: argparse.Namespace) -> ServerConfig:
         max_queued_bytes=ns.max_queued_mb << 20,
         max_queue_wait_ms=ns.max_queue_wait_ms,
         worker_batch_timeout=ns.worker_batch_timeout,
+        lend_cores_min_ms=ns.lend_cores_min_ms,
         worker_heartbeat=ns.worker_heartbeat,
         prepare_threads=ns.prepare_threads,
         media=_media_policy(ns),

@@ -50,6 +50,9 @@ class ServerConfig:
     worker_batch_timeout: float = 30.0
     """Least seconds a batch may take before its worker counts as frozen (else ten times its expected time at the
     measured speed; five times this before any batch is measured)."""
+    lend_cores_min_ms: float = 100.0
+    """CPU: the last batch waiting, if it should take at least this long on one worker, computes with the idle
+    workers' cores too (more threads); -1: never."""
     worker_heartbeat: float = 5.0
     """Seconds an idle worker has to answer a ping before it counts as frozen."""
     prepare_threads: int = 0

@@ -15,6 +15,10 @@ BATCH_TOKENS = Histogram(
 )
 BATCH_SIZE = Histogram("lateserve_batch_size", "Sequences per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 WORKER_BATCHES = Counter("lateserve_worker_batches_total", "Batches sent to each worker (load balance)", ["worker"])
+LENT_CORE_BATCHES = Counter(
+    "lateserve_lent_core_batches_total",
+    "Batches a CPU worker computed with more threads than its own: cores lent by idle workers",
+)
 REQUESTS = Counter("lateserve_grpc_requests_total", "gRPC requests by method and status code", ["method", "code"])
 REQUEST_DURATION = Histogram(
     "lateserve_request_duration_seconds",

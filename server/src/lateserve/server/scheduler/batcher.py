@@ -42,10 +42,13 @@ class Ticket:
 class Batcher:
     """Feeds the worker pool from one token-budget queue."""
 
-    def __init__(self, pool: WorkerPool, queue: BatchQueue[Ticket], batch_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, pool: WorkerPool, queue: BatchQueue[Ticket], batch_timeout_s: float = 30.0, lend_cores_min_s: float = 0.1
+    ) -> None:
         self.pool = pool
         self.queue = queue
         self.batch_timeout_s = batch_timeout_s
+        self.lend_cores_min_s = lend_cores_min_s
         self._rate = 0.0  # cost units per second of one worker's forward time, smoothed
         self._busy_until: dict[int, float] = {}  # worker id -> when its dispatched batches should be done
         self._wake = asyncio.Event()
@@ -94,14 +97,37 @@ class Batcher:
                 batch = self.queue.cut(parts=self.pool.idle_count)
                 if not batch:
                     break
+                lenders = self._lend_cores(worker, batch)
+                threads = worker.spec.threads + sum(w.spec.threads for w in lenders) if lenders else 0
                 # Sent now, not inside the task, so the worker counts as busy before the next cut.
-                sent = worker.submit([e.payload.item for e in batch], self.deadline_s(batch))
-                self._book(worker.spec.worker_id, sum(e.num_tokens for e in batch))
-                task = asyncio.get_running_loop().create_task(self._run(worker, batch, sent))
+                sent = worker.submit([e.payload.item for e in batch], self.deadline_s(batch), threads)
+                self._book(
+                    worker.spec.worker_id, sum(e.num_tokens for e in batch), max(1, threads) / worker.spec.threads
+                )
+                task = asyncio.get_running_loop().create_task(self._run(worker, batch, sent, lenders))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
             metrics.QUEUE_SIZE.set(len(self.queue))
             metrics.DROPPED.set(self.queue.dropped)
+
+    def _lend_cores(self, worker: ProcessWorker, batch: list[Entry[Ticket]]) -> list[ProcessWorker]:
+        """Idle CPU workers lend their cores to a batch that is the last work waiting and long enough to
+        gain from more threads (at least `lend_cores_min_s` on one worker at the measured speed): a lone
+        image then computes on every core instead of one, as it would in a single multi-threaded process,
+        while work that can be split over the workers still is (the cut shares it first).
+
+        Why not always: a short batch gains little from more threads, and new work waits for the borrowed
+        cores to come back (at most one such batch, run faster than it would have on one core)."""
+        if (
+            self.lend_cores_min_s < 0
+            or len(self.queue)
+            or worker.inflight
+            or worker.spec.device != "cpu"
+            or self._rate <= 0
+            or sum(e.num_tokens for e in batch) / self._rate < self.lend_cores_min_s
+        ):
+            return []
+        return self.pool.lend_idle(worker)
 
     def _observe(self, cost: int, inference_ns: int) -> None:
         if cost <= 0 or inference_ns <= 0:
@@ -109,12 +135,13 @@ class Batcher:
         rate = cost / (inference_ns / 1e9)
         self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
 
-    def _book(self, worker_id: int, cost: int) -> None:
-        """Extend the worker's expected busy time by a dispatched batch (once a speed is measured)."""
+    def _book(self, worker_id: int, cost: int, speedup: float = 1.0) -> None:
+        """Extend the worker's expected busy time by a dispatched batch (once a speed is measured);
+        `speedup` > 1 when it computes with lent cores."""
         if self._rate <= 0:
             return
         now = time.monotonic()
-        self._busy_until[worker_id] = max(now, self._busy_until.get(worker_id, now)) + cost / self._rate
+        self._busy_until[worker_id] = max(now, self._busy_until.get(worker_id, now)) + cost / (self._rate * speedup)
 
     def expected_wait_s(self) -> float | None:
         """Seconds new work would wait before a worker starts it: the soonest-free worker's remaining
@@ -137,7 +164,13 @@ class Batcher:
             return 2 * 5 * self.batch_timeout_s
         return 2 * max(self.batch_timeout_s, 10 * cost / self._rate)
 
-    async def _run(self, worker: ProcessWorker, batch: list[Entry[Ticket]], sent: asyncio.Future[BatchResult]) -> None:
+    async def _run(
+        self,
+        worker: ProcessWorker,
+        batch: list[Entry[Ticket]],
+        sent: asyncio.Future[BatchResult],
+        lenders: list[ProcessWorker],
+    ) -> None:
         start = time.perf_counter_ns()
         self._record_batch(batch)
         metrics.WORKER_BATCHES.labels(str(worker.spec.worker_id)).inc()
@@ -151,10 +184,15 @@ class Batcher:
             self._fail(batch, exc)
             return
         finally:
+            self.pool.return_lent(worker, lenders)
             self._wake.set()
             if not worker.inflight:
                 self._busy_until[worker.spec.worker_id] = time.monotonic()
-        self._observe(sum(e.num_tokens for e in batch), result.inference_ns)
+        # The speed is kept per own core: a batch on lent cores counts as that many times its wall time.
+        own = max(1, worker.spec.threads)
+        if result.threads > own:
+            metrics.LENT_CORE_BATCHES.inc()
+        self._observe(sum(e.num_tokens for e in batch), result.inference_ns * max(own, result.threads) // own)
         metrics.FORWARD_SECONDS.observe(result.inference_ns / 1e9)
         outputs = result.unpack_outputs()
         for entry, out in zip(batch, outputs, strict=True):

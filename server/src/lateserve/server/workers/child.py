@@ -88,7 +88,8 @@ def child_main(conn: Connection, spec: WorkerSpec) -> None:
     try:
         import torch
 
-        torch.set_num_threads(max(1, spec.threads))
+        own_threads = max(1, spec.threads)
+        torch.set_num_threads(own_threads)
         from lateserve.server.families.registry import family_for, load_source
 
         source = load_source(
@@ -119,10 +120,14 @@ def child_main(conn: Connection, spec: WorkerSpec) -> None:
                 continue
             if isinstance(msg, EncodeBatch):
                 start = time.perf_counter_ns()
+                threads = msg.threads or own_threads
+                if device == "cpu" and torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)  # lent cores come and go batch by batch
                 try:
                     outputs = runner.forward(msg.unpack())
                     packed = BatchResult.pack_outputs(outputs)
-                    conn.send(BatchResult(msg.batch_id, packed, time.perf_counter_ns() - start))
+                    used = torch.get_num_threads() if device == "cpu" else 1
+                    conn.send(BatchResult(msg.batch_id, packed, time.perf_counter_ns() - start, used))
                 except Exception as exc:
                     log.error("batch %d failed: %s", msg.batch_id, traceback.format_exc())
                     conn.send(BatchFailed(msg.batch_id, f"{type(exc).__name__}: {exc}"))

@@ -81,14 +81,16 @@ def _tuple(tensor: Tensor) -> tuple[int, ...]:
 
 @dataclass(frozen=True, slots=True)
 class EncodeBatch:
-    """A batch of work for one forward pass."""
+    """A batch of work for one forward pass. `threads` > 0: compute it with that many CPU threads (the
+    worker's own plus those lent by idle workers); 0: the worker's own count."""
 
     batch_id: int
     items: list[PackedItem]
+    threads: int = 0
 
     @classmethod
-    def pack(cls, batch_id: int, items: list[WorkItem]) -> EncodeBatch:
-        return cls(batch_id, [PackedItem.pack(item) for item in items])
+    def pack(cls, batch_id: int, items: list[WorkItem], threads: int = 0) -> EncodeBatch:
+        return cls(batch_id, [PackedItem.pack(item) for item in items], threads)
 
     def unpack(self) -> list[WorkItem]:
         return [item.unpack() for item in self.items]
@@ -101,6 +103,7 @@ class BatchResult:
     batch_id: int
     outputs: list[dict[Task, Tensor]]
     inference_ns: int
+    threads: int = 1  # CPU threads the forward ran with (as torch reported them)
 
     @staticmethod
     def pack_outputs(outputs: list[ItemOutputs]) -> list[dict[Task, Tensor]]:

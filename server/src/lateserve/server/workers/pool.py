@@ -39,6 +39,8 @@ class WorkerPool:
         self._closing = False
         self._heartbeat_s = heartbeat_s
         self._watchdog: asyncio.Task[None] | None = None
+        self._lent: set[int] = set()  # idle workers whose cores a borrowing worker computes with
+        self._borrowing: set[int] = set()
 
     @property
     def size(self) -> int:
@@ -51,7 +53,31 @@ class WorkerPool:
     @property
     def idle_count(self) -> int:
         """Ready workers with nothing in flight: how many ways queued work can be split right now."""
-        return sum(1 for wid in self._ready if self._workers[wid].alive and not self._workers[wid].inflight)
+        return len(self._idle())
+
+    def _idle(self) -> list[int]:
+        return [
+            wid
+            for wid in self._ready
+            if self._workers[wid].alive and not self._workers[wid].inflight and wid not in self._lent
+        ]
+
+    def lend_idle(self, borrower: ProcessWorker) -> list[ProcessWorker]:
+        """Lend every other idle CPU worker's cores to `borrower` for one batch: the lenders take no work
+        and the borrower no prefetch until `return_lent` (so no core runs two forwards at once)."""
+        lenders = [self._workers[wid] for wid in self._idle() if wid != borrower.spec.worker_id]
+        if lenders:
+            self._lent.update(w.spec.worker_id for w in lenders)
+            self._borrowing.add(borrower.spec.worker_id)
+        return lenders
+
+    def return_lent(self, borrower: ProcessWorker, lenders: list[ProcessWorker]) -> None:
+        """The borrower's batch is over (done, failed or its process died): the lenders take work again."""
+        if not lenders:
+            return
+        self._lent.difference_update(w.spec.worker_id for w in lenders)
+        self._borrowing.discard(borrower.spec.worker_id)
+        self.notify()
 
     def workers(self) -> list[ProcessWorker]:
         """Live workers (tests use their pids)."""
@@ -102,6 +128,8 @@ class WorkerPool:
         best: ProcessWorker | None = None
         for wid in self._ready:
             w = self._workers[wid]
+            if wid in self._lent or wid in self._borrowing:
+                continue
             if w.alive and w.inflight < self._max_inflight and (best is None or w.inflight < best.inflight):
                 best = w
         return best

@@ -77,9 +77,12 @@ class ProcessWorker:
         """Resolves when the replica is loaded; raises RuntimeError with the child's reason otherwise."""
         return await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
 
-    def submit(self, items: list[WorkItem], timeout_s: float | None = None) -> asyncio.Future[BatchResult]:
+    def submit(
+        self, items: list[WorkItem], timeout_s: float | None = None, threads: int = 0
+    ) -> asyncio.Future[BatchResult]:
         """Send a batch; the future fails with WorkerUnavailable if the process dies first, or if it does
-        not answer within `timeout_s` (the watchdog then replaces the process: it is frozen or wedged)."""
+        not answer within `timeout_s` (the watchdog then replaces the process: it is frozen or wedged).
+        `threads` > 0 runs it with that many CPU threads (cores lent by idle workers)."""
         future: asyncio.Future[BatchResult] = self._loop.create_future()
         if not self.alive or self._conn is None:
             future.set_exception(WorkerUnavailable("worker is not running; retry the request", retry_after_s=1.0))
@@ -89,7 +92,7 @@ class ProcessWorker:
         if timeout_s is not None:
             self._deadlines[batch_id] = self._loop.time() + timeout_s
         try:
-            self._conn.send(EncodeBatch.pack(batch_id, items))
+            self._conn.send(EncodeBatch.pack(batch_id, items, threads))
         except (OSError, ValueError) as exc:
             self._pending.pop(batch_id, None)
             future.set_exception(WorkerUnavailable(f"worker pipe broke: {exc}", retry_after_s=1.0))

@@ -107,6 +107,10 @@ class NemotronVLRunner(ModelRunner):
         for name in ("vision", "language", "mlp1"):
             modules[name].to(torch_dtype)
         model.eval()
+        from lateserve.server.families import acceleration  # imports torch: worker side only
+
+        for name in ("vision", "language", "mlp1"):
+            acceleration.pack_linears_in_place(modules[name], torch_dtype, self.device)
         self.cfg = cfg
         self.head = head
         self.vision = vision

@@ -150,6 +150,9 @@ class QwenVLRunner(ModelRunner):
         self.image_token_id = int(config.image_token_id)
         self.pad_id = int(text.pad_token_id or 0)
         model.to(self.device).eval()
+        from lateserve.server.families import acceleration  # imports torch: worker side only
+
+        acceleration.pack_linears_in_place(backbone, self.dtype, self.device)
         self.backbone = backbone
         self.proj: torch.nn.Linear | None = modules.get("proj")  # type: ignore[assignment]
 
