@@ -21,7 +21,7 @@ from lateserve.gateway import health, openapi
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.embeddings.routes import routes as embeddings_routes
 from lateserve.gateway.invocations.routes import routes as invocations_routes
-from lateserve.gateway.keys import CHANNEL, CONFIG, METRICS, MODEL_TASKS, OPENAPI, STUBS, Stubs
+from lateserve.gateway.keys import CHANNEL, CONFIG, METRICS, MODEL_TASKS, OPENAPI, STUBS, TRACER, Stubs
 from lateserve.gateway.metrics import GatewayMetrics
 from lateserve.gateway.middlewares import (
     TRIMMER,
@@ -29,11 +29,13 @@ from lateserve.gateway.middlewares import (
     auth_middleware,
     error_middleware,
     metrics_middleware,
+    tracing_middleware,
 )
 from lateserve.gateway.pooling.routes import routes as pooling_routes
 from lateserve.gateway.rerank.routes import routes as rerank_routes
 from lateserve.gateway.score.routes import routes as score_routes
 from lateserve.gateway.tokenize.routes import routes as tokenize_routes
+from lateserve.gateway.tracing import GatewayTracer
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +94,29 @@ async def grpc_channel_ctx(app: web.Application) -> AsyncIterator[None]:
         await channel.close(grace=None)
 
 
+async def tracer_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Flushes and stops the sidecar's span exporter on cleanup."""
+    try:
+        yield
+    finally:
+        app[TRACER].shutdown()
+
+
 def create_app(config: GatewayConfig, stubs: Stubs | None = None) -> web.Application:
-    """The gateway app. The error middleware is listed first, so it is outermost.
+    """The gateway app. The tracing middleware (sidecar with --otlp-traces-endpoint), then the error
+    middleware are listed first, so they are outermost.
 
     `stubs` replaces the gRPC channel to `config.grpc_target` (the server passes its servicers when
-    the gateway runs in its process; they take and return the same lateserve.v1 messages)."""
+    the gateway runs in its process; they take and return the same lateserve.v1 messages, and the server's
+    own spans cover them, so the in-process gateway never traces)."""
     app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[error_middleware, metrics_middleware, auth_middleware]
+        client_max_size=config.max_body_bytes,
+        middlewares=[tracing_middleware, error_middleware, metrics_middleware, auth_middleware],
     )
+    if config.otlp_traces_endpoint and stubs is None:
+        app[TRACER] = GatewayTracer(config.otlp_traces_endpoint)
+        app.cleanup_ctx.append(tracer_ctx)
+        logger.info("exporting traces to %s", config.otlp_traces_endpoint)
     app[CONFIG] = config
     app[METRICS] = GatewayMetrics()
     app[TRIMMER] = MemoryTrimmer()

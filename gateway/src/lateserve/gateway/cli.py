@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--grpc-ssl-ca-certfile", default=None, help="TLS to the gRPC server, verified by this CA")
     security.add_argument("--grpc-ssl-certfile", default=None, help="client certificate for mutual TLS to gRPC")
     security.add_argument("--grpc-ssl-keyfile", default=None, help="the private key of --grpc-ssl-certfile")
+    parser.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        help="send OpenTelemetry traces (a span per HTTP request, parent of the server's span) to this OTLP "
+        "endpoint; gRPC unless OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf (needs the `otel` extra)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -72,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         grpc_ssl_ca_certfile=args.grpc_ssl_ca_certfile,
         grpc_ssl_certfile=args.grpc_ssl_certfile,
         grpc_ssl_keyfile=args.grpc_ssl_keyfile,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
 
 

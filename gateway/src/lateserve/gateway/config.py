@@ -30,6 +30,8 @@ class GatewayConfig:
             with grpc_ssl_certfile / grpc_ssl_keyfile also present a client certificate (mutual TLS).
         forward_authorization: Sidecar only: send the caller's Authorization header on as gRPC
             `authorization` metadata (the gRPC server checks the key).
+        otlp_traces_endpoint: Sidecar only: export a span per HTTP request to this OTLP endpoint (gateway
+            tracing.py); the gRPC call carries it as the server span's parent. None: no tracing.
     """
 
     grpc_target: str
@@ -51,3 +53,4 @@ class GatewayConfig:
     grpc_ssl_certfile: str | None = None
     grpc_ssl_keyfile: str | None = None
     forward_authorization: bool = True
+    otlp_traces_endpoint: str | None = None

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.metrics import GatewayMetrics
+from lateserve.gateway.tracing import GatewayTracer
 from lateserve.v1 import (
     embed_service_pb2_grpc,
     info_service_pb2_grpc,
@@ -72,3 +73,7 @@ PARSED_BODY = web.RequestKey("parsed_body", object)
 MODEL_TASKS = web.AppKey("model_tasks", dict)
 # The OpenAPI document, built on first request (openapi.py).
 OPENAPI = web.AppKey("openapi", dict)
+# The sidecar's tracer (--otlp-traces-endpoint); absent without the flag and in the in-process gateway.
+TRACER = web.AppKey("tracer", GatewayTracer)
+# The request's span, while the tracing middleware runs (the gRPC call names it as its parent).
+SPAN = web.RequestKey("span", object)

@@ -1,5 +1,6 @@
-"""Middlewares: the outermost one turns every failure into vLLM's error envelope and echoes the
-request id; the inner one records Prometheus metrics and one log line per request."""
+"""Middlewares: the outermost one (sidecar with --otlp-traces-endpoint only) makes a span per request; the
+next turns every failure into vLLM's error envelope and echoes the request id; the inner ones record
+Prometheus metrics and one log line per request, and check the API key."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from lateserve.gateway import errors
-from lateserve.gateway.keys import CONFIG, METRICS, REQUEST_ID, REQUEST_ID_FROM_HEADER
+from lateserve.gateway.keys import CONFIG, METRICS, REQUEST_ID, REQUEST_ID_FROM_HEADER, SPAN, TRACER
 
 logger = logging.getLogger(__name__)
 
@@ -202,3 +203,29 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         error.api_error.headers["WWW-Authenticate"] = "Bearer"
         raise error
     return await handler(request)
+
+
+@web.middleware
+async def tracing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With a tracer (the sidecar's --otlp-traces-endpoint): one SERVER span per request, outside the error
+    middleware so it sees the status the client gets; `http.grpc_metadata` hands it to the gRPC call."""
+    tracer = request.app.get(TRACER)
+    if tracer is None:
+        return await handler(request)
+    route = route_label(request)
+    span = tracer.start(
+        f"{request.method} {route}",
+        request.headers,
+        {"http.request.method": request.method, "http.route": route, "url.path": request.path},
+    )
+    request[SPAN] = span
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        tracer.finish(span, status, {"lateserve.request_id": request.get(REQUEST_ID, "")})

@@ -15,7 +15,7 @@ from aiohttp import web
 from lateserve.gateway import errors
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.jsonutil import dumps
-from lateserve.gateway.keys import CONFIG, METRICS, PARSED_BODY, REQUEST_ID, REQUEST_ID_FROM_HEADER
+from lateserve.gateway.keys import CONFIG, METRICS, PARSED_BODY, REQUEST_ID, REQUEST_ID_FROM_HEADER, SPAN, TRACER
 from lateserve.gateway.middlewares import header_value, route_label
 from lateserve.v1 import common_pb2
 
@@ -192,10 +192,14 @@ def grpc_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
     sidecar in front of a server with --api-key passes the caller's key on for the server to check."""
     config = request.app[CONFIG]
     metadata: tuple[tuple[str, str], ...] = (("x-request-id", header_value(request[REQUEST_ID])),)
-    for trace_header in ("traceparent", "tracestate"):  # W3C trace context, for the server's spans
-        value = request.headers.get(trace_header)
-        if value and len(value) <= _MAX_TRACE_HEADER:
-            metadata = (*metadata, (trace_header, value))
+    tracer, span = request.app.get(TRACER), request.get(SPAN)
+    if tracer is not None and span is not None:  # the sidecar's own span is the server span's parent
+        metadata = (*metadata, *tracer.headers(span))
+    else:
+        for trace_header in ("traceparent", "tracestate"):  # W3C trace context, for the server's spans
+            value = request.headers.get(trace_header)
+            if value and len(value) <= _MAX_TRACE_HEADER:
+                metadata = (*metadata, (trace_header, value))
     if config.api_key:
         return (*metadata, ("authorization", f"Bearer {config.api_key}"))
     caller = request.headers.get("Authorization")
