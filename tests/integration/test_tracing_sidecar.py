@@ -11,6 +11,7 @@ traceparent on as before, and importing the gateway loads no opentelemetry."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -192,3 +193,28 @@ def test_the_gateway_loads_no_opentelemetry_without_the_flag() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_lateserve_gateway_command_passes_the_flag_on(server: LiveServer, collector: GrpcCollector) -> None:
+    # `lateserve gateway` (the server's CLI) hands its flags to lateserve-gateway: a real process, its port read
+    # from its "gateway listening" log line, its spans flushed by SIGTERM's cleanup.
+    argv = [sys.executable, "-m", "lateserve.server", "gateway", "--grpc-target", server.grpc_target]
+    argv += ["--host", "127.0.0.1", "--port", "0", "--otlp-traces-endpoint", collector.endpoint]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    trace_id = "4af7651916cd43dd8448eb211c80319c"
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "gateway listening" in line:
+                port = int(re.findall(r"'127\.0\.0\.1', (\d+)", line)[0])
+                break
+        else:
+            pytest.fail("lateserve gateway exited without listening")
+        status, _ = post(f"http://127.0.0.1:{port}/rerank", RERANK, traceparent=f"00-{trace_id}-{CALLER_SPAN}-01")
+        assert status == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    tracing.force_flush()
+    names = {(service, s.name) for service, s in collector.of_trace(trace_id)}
+    assert ("lateserve-gateway", "POST /rerank") in names and ("lateserve", "Rerank") in names

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--grpc-ssl-ca-certfile", default=None, help="TLS to the gRPC server, verified by this CA")
     gw.add_argument("--grpc-ssl-certfile", default=None, help="client certificate for mutual TLS")
     gw.add_argument("--grpc-ssl-keyfile", default=None, help="the private key of --grpc-ssl-certfile")
+    gw.add_argument(
+        "--otlp-traces-endpoint", default=None, help="a span per HTTP request to this OTLP endpoint (the `otel` extra)"
+    )
     gw.add_argument("--log-level", default="INFO")
     return parser
 
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["--grpc-target", ns.grpc_target, "--host", ns.host, "--port", str(ns.port), "--max-body-mb",
                 str(ns.max_body_mb)]  # fmt: skip
         for flag in ("api_key", "ssl_certfile", "ssl_keyfile", "grpc_ssl_ca_certfile", "grpc_ssl_certfile",
-                     "grpc_ssl_keyfile"):  # fmt: skip
+                     "grpc_ssl_keyfile", "otlp_traces_endpoint"):  # fmt: skip
             if getattr(ns, flag):
                 argv += [f"--{flag.replace('_', '-')}", getattr(ns, flag)]
         gateway_main(argv)
