@@ -149,7 +149,9 @@ def test_token_vectors_and_maxsim_match_the_reference_in_a_padded_batch(case: Ca
 def test_unnormalized_vectors_include_the_projection_bias(case: Case) -> None:
     (ours,) = case.embed([as_item(INPUTS[3])], normalize=False)
     expected = case.reference.vectors(INPUTS[3], normalize=False)
-    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+    # Float32 summation order (oneDNN GEMMs for transformers' MKL linears and Conv3d, each as close to a
+    # float64 result as the original) moves single elements of these random-weight vectors by up to ~3e-4.
+    np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-3)
     bias = load_file(str(case.path / "model.safetensors"))["custom_text_proj.bias"].numpy()
     without = expected - bias  # the bias is a real part of every vector, not a rounding detail
     assert np.abs(ours - without).max() > 0.1

@@ -109,6 +109,30 @@ def swap_linears(
     return module
 
 
+class PatchConvAsLinear(nn.Module):
+    """A convolution whose kernel equals its stride, fed inputs already cut one patch per row (Qwen-VL's
+    patch embedding receives `[patches, C * T * P * P]` and views it back into 3D patches for a Conv3d):
+    the same numbers as one GEMM over the flattened patches, run as a prepacked oneDNN linear.
+
+    Why: a 1200-patch page's Conv3d takes ~114 ms in float32 on one thread against ~16 ms as this GEMM
+    (bfloat16: ~43 against ~7 ms); results equal up to summation order (max abs 6e-6 in float32)."""
+
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d, dtype: torch.dtype) -> None:
+        super().__init__()
+        kernel, stride = tuple(conv.kernel_size), tuple(conv.stride)
+        padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        if kernel != stride or conv.groups != 1 or any(p != 0 for p in padding if isinstance(p, int)):
+            raise ValueError("only a non-overlapping, unpadded, ungrouped patch convolution is one GEMM")
+        weight = conv.weight.detach().reshape(conv.out_channels, -1)
+        self.in_features = int(weight.shape[1])
+        self.out_features = conv.out_channels
+        self.linear = PackedLinear(weight, conv.bias, dtype, float_output=dtype == torch.float32)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.linear(patches.reshape(-1, self.in_features))
+        return y
+
+
 def pack_linears_in_place(module: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
     """Prepacked oneDNN linears for a module that already runs in `dtype` on `device` (the vision-language
     backbones, whose forward stays transformers' own): every `nn.Linear` becomes a `PackedLinear` that

@@ -152,7 +152,9 @@ class QwenVLRunner(ModelRunner):
         model.to(self.device).eval()
         from lateserve.server.families import acceleration  # imports torch: worker side only
 
-        acceleration.pack_linears_in_place(backbone, self.dtype, self.device)
+        if acceleration.pack_linears_in_place(backbone, self.dtype, self.device):
+            # The patch embedding's Conv3d (kernel = stride) is one GEMM over the flattened patches.
+            backbone.visual.patch_embed = acceleration.PatchConvAsLinear(backbone.visual.patch_embed.proj, self.dtype)
         self.backbone = backbone
         self.proj: torch.nn.Linear | None = modules.get("proj")  # type: ignore[assignment]
 
