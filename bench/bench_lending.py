@@ -10,7 +10,7 @@ Mixes: one ~400-token /pooling input at concurrency 1 (a lone long input: the ca
 /rerank 1 query x 20 documents at concurrency 1 (split over the workers, never lent), and /pooling of one
 short text at concurrency 8 (many small batches: throughput must not drop).
 
-    .venv/bin/python bench/bench_lending.py --out .bench/lending.json
+    .venv/bin/python bench/bench_lending.py --rounds 6 --out .bench/lending.json
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def server(name: str, args: argparse.Namespace) -> Iterator[str]:
 
 def mixes(workload: Workload) -> dict[str, tuple[int, Callable[[int], tuple[str, dict[str, Any]]]]]:
     """name -> (concurrency, request n -> (route, body))."""
-    long_text = " ".join(workload.documents[:8])  # ~400 tokens of model-card words
+    long_text = " ".join(workload.documents[:6])  # ~400 tokens of model-card words
     return {
         "pool 1 long input c=1": (1, lambda n: ("/pooling", {"input": f"{long_text} {n}", "task": "token_embed"})),
         "rerank 1x20 c=1": (
@@ -76,6 +76,15 @@ def mixes(workload: Workload) -> dict[str, tuple[int, Callable[[int], tuple[str,
             lambda n: ("/pooling", {"input": workload.query(n), "task": "token_embed"}),
         ),
     }
+
+
+def lent_batches(url: str) -> float:
+    """lateserve_lent_core_batches_total of a server: whether lending happened in a mix at all."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("lateserve_lent_core_batches_total "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def chunk(url: str, concurrency: int, make: Callable[[int], tuple[str, dict[str, Any]]], n: int, start: int) -> Any:
@@ -95,6 +104,7 @@ def main() -> None:
     parser.add_argument("--cores", default="0-1")
     parser.add_argument("--requests", type=int, default=24, help="per chunk")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mixes", default="", help="comma-separated substrings of mix names (default: all)")
     parser.add_argument("--log-dir", type=Path, default=ROOT / ".bench" / "logs")
     parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "lending.json")
     args = parser.parse_args()
@@ -103,16 +113,23 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(server(name, args)) for name in LAYOUTS}
         for mix, (concurrency, make) in mixes(workload).items():
+            if args.mixes and not any(m in mix for m in args.mixes.split(",")):
+                continue
             for url in urls.values():  # warm-up: first batches, measured speed for the scheduler
                 chunk(url, concurrency, make, 2 * concurrency, 10_000)
             for r in range(args.rounds):
-                for name, url in urls.items():
+                order = list(urls.items())
+                for name, url in order[r % len(order) :] + order[: r % len(order)]:  # each layout goes first in turn
                     busy = wait_idle(10.0)
+                    lent = lent_batches(url)
                     latencies, wall = chunk(url, concurrency, make, args.requests, r * args.requests)
-                    cell = results.setdefault(mix, {}).setdefault(name, {"latencies": [], "wall": 0.0, "busy": []})
+                    cell = results.setdefault(mix, {}).setdefault(
+                        name, {"latencies": [], "wall": 0.0, "busy": [], "lent_batches": 0.0}
+                    )
                     cell["latencies"] += latencies
                     cell["wall"] += wall
                     cell["busy"].append(busy)
+                    cell["lent_batches"] += lent_batches(url) - lent
             row = results[mix]
             for cell in row.values():
                 cell["req_per_s"] = round(len(cell["latencies"]) / cell["wall"], 2)
@@ -125,7 +142,8 @@ def main() -> None:
                     f"  {name:7s} {cell['req_per_s']:7.2f} req/s  p50 {cell['p50_ms']:7.1f} ms"
                     f"  p99 {cell['p99_ms']:7.1f} ms"
                     f"  req/s vs nolend {cell['req_per_s'] / base['req_per_s']:.2f}x"
-                    f"  p50 vs nolend {cell['p50_ms'] / base['p50_ms']:.2f}x  busy before {cell['busy']}"
+                    f"  p50 vs nolend {cell['p50_ms'] / base['p50_ms']:.2f}x  lent batches {cell['lent_batches']:.0f}"
+                    f"  busy before {cell['busy']}"
                 )
     for row in results.values():
         for cell in row.values():

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from lateserve.server.cli import build_parser, config_from_args
 from lateserve.server.config import ServerConfig
 from tests.fixtures.toy_vision import http_json
 from tests.integration.test_observability import delta, scrape
@@ -67,3 +68,10 @@ def test_lending_off_keeps_each_worker_on_its_own_core() -> None:
         for _ in range(3):
             pool(server, TEXT)
         assert delta(before, scrape(server), LENT) == 0
+
+
+def test_the_serve_command_takes_the_flag() -> None:
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["serve", "some/model"])).lend_cores_min_ms == 100.0
+    ns = parser.parse_args(["serve", "some/model", "--lend-cores-min-ms", "-1"])
+    assert config_from_args(ns).lend_cores_min_ms == -1.0

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="least seconds a batch may take before its worker counts as frozen (else 10x its measured time)",
     )
-    parser.add_argument(
+    serve.add_argument(
         "--lend-cores-min-ms",
         type=float,
         default=100.0,
