@@ -407,6 +407,23 @@ def request_inputs(request: CompletionOrChat) -> tuple[list[Item], EncodeOptions
     return items_from_proto(request.inputs, "input"), options_from_proto(request.options)
 
 
+def use_activation(request: CompletionOrChat) -> bool:
+    """The one reading of vLLM's `normalize` and its newer name `use_activation` (Pool, StreamPool,
+    Embed): whichever is set, both only when equal, unset true (vLLM's default)."""
+    normalize = request.normalize if request.HasField("normalize") else None
+    activation = request.use_activation if request.HasField("use_activation") else None
+    if normalize is not None and activation is not None and normalize != activation:
+        raise InvalidArgument(
+            f"use_activation ({activation}) contradicts normalize ({normalize}): use_activation is the newer "
+            "name of normalize; set one of them",
+            field="use_activation",
+        )
+    for value in (activation, normalize):
+        if value is not None:
+            return value
+    return True
+
+
 def usage(prompt_tokens: int) -> pb.Usage:
     return pb.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
 

@@ -15,8 +15,8 @@ from lateserve.server.services.convert import (
     request_inputs,
     timings,
     usage,
+    use_activation,
 )
-from lateserve.server.services.pool import use_activation
 from lateserve.v1 import embed_service_pb2 as pb
 from lateserve.v1 import embed_service_pb2_grpc as pb_grpc
 from lateserve.wire.tensors import to_tensor

@@ -21,32 +21,14 @@ from lateserve.server.services.convert import (
     request_inputs,
     timings,
     usage,
+    use_activation,
 )
-from lateserve.v1 import embed_service_pb2 as embed_pb
 from lateserve.v1 import pool_service_pb2 as pb
 from lateserve.v1 import pool_service_pb2_grpc as pb_grpc
 from lateserve.wire.tensors import to_tensor
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 PoolLike = pb.PoolRequest | pb.StreamPoolRequest
-ActivationLike = pb.PoolRequest | pb.StreamPoolRequest | embed_pb.EmbedRequest
-
-
-def use_activation(request: ActivationLike) -> bool:
-    """The one reading of vLLM's `normalize` and its newer name `use_activation` (Pool, StreamPool,
-    Embed): whichever is set, both only when equal, unset true (vLLM's default)."""
-    normalize = request.normalize if request.HasField("normalize") else None
-    activation = request.use_activation if request.HasField("use_activation") else None
-    if normalize is not None and activation is not None and normalize != activation:
-        raise InvalidArgument(
-            f"use_activation ({activation}) contradicts normalize ({normalize}): use_activation is the newer "
-            "name of normalize; set one of them",
-            field="use_activation",
-        )
-    for value in (activation, normalize):
-        if value is not None:
-            return value
-    return True
 
 
 def token_reduction(request: PoolLike, task: Task, model: ServedModel) -> tuple[int, bool]:
