@@ -377,7 +377,52 @@ class InProcess(Target):
         return latencies, time.perf_counter() - start, 0, ""
 
 
-class HttpTarget(Target):
+class HttpClient:
+    """A target's connection: one keep-alive aiohttp session (`session`) per scenario, made in `open` (inside
+    the running event loop) for `concurrency` clients, requests timing out after `total_timeout` seconds."""
+
+    total_timeout = 300.0
+    session: Any = None
+
+    async def open(self, concurrency: int) -> None:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency + 2),
+            timeout=aiohttp.ClientTimeout(total=self.total_timeout),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+class GrpcClient:
+    """A target's connection: one grpc.aio channel to `address` (64 MiB messages) per scenario, with its
+    Rerank and Pool stubs (`rerank_stub`, `pool_stub`)."""
+
+    address: str
+    channel: Any = None
+
+    async def open(self, concurrency: int) -> None:
+        import grpc
+
+        from lateserve.v1 import pool_service_pb2_grpc, rerank_service_pb2_grpc
+
+        limit = 64 << 20
+        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        self.channel = grpc.aio.insecure_channel(self.address, options=options)
+        self.rerank_stub = rerank_service_pb2_grpc.RerankServiceStub(self.channel)
+        self.pool_stub = pool_service_pb2_grpc.PoolServiceStub(self.channel)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+
+class HttpTarget(HttpClient, Target):
     """vLLM-compatible JSON routes over one keep-alive aiohttp session."""
 
     def __init__(self, name: str, base: str, workload: Workload, mixes: tuple[str, ...] = Target.mixes) -> None:
@@ -386,18 +431,6 @@ class HttpTarget(Target):
         self.workload = workload
         self.mixes = mixes
         self.session: Any = None
-
-    async def open(self, concurrency: int) -> None:
-        import aiohttp
-
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency + 2), timeout=aiohttp.ClientTimeout(total=300)
-        )
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
 
     async def post(self, route: str, body: dict[str, Any]) -> bytes:
         async with self.session.post(self.base + route, json=body) as resp:
@@ -426,7 +459,7 @@ class HttpTarget(Target):
         return [np.asarray(row["data"], dtype=np.float32) for row in json.loads(data)["data"]]
 
 
-class GrpcTarget(Target):
+class GrpcTarget(GrpcClient, Target):
     """lateserve.v1 over one grpc.aio channel."""
 
     def __init__(self, name: str, address: str, workload: Workload) -> None:
@@ -434,22 +467,6 @@ class GrpcTarget(Target):
         self.address = address
         self.workload = workload
         self.channel: Any = None
-
-    async def open(self, concurrency: int) -> None:
-        import grpc
-
-        from lateserve.v1 import pool_service_pb2_grpc, rerank_service_pb2_grpc
-
-        limit = 64 << 20
-        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
-        self.channel = grpc.aio.insecure_channel(self.address, options=options)
-        self.rerank_stub = rerank_service_pb2_grpc.RerankServiceStub(self.channel)
-        self.pool_stub = pool_service_pb2_grpc.PoolServiceStub(self.channel)
-
-    async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
-            self.channel = None
 
     async def rerank(self, query: str, documents: list[str]) -> None:
         from lateserve.v1 import common_pb2, rerank_service_pb2

@@ -63,6 +63,8 @@ QUERIES = [
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_serving import (  # noqa: E402
+    GrpcClient,
+    HttpClient,
     ServerProcess,
     closed_loop,
     free_port,
@@ -161,22 +163,12 @@ class Target:
         raise NotImplementedError
 
 
-class HttpTarget(Target):
+class HttpTarget(HttpClient, Target):
+    total_timeout = 900.0
+
     def __init__(self, name: str, index: int, base: str) -> None:
         self.name, self.index, self.base = name, index, base
         self.session: Any = None
-
-    async def open(self, concurrency: int) -> None:
-        import aiohttp
-
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency + 2), timeout=aiohttp.ClientTimeout(total=900)
-        )
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
 
     async def post(self, route: str, body: dict[str, Any]) -> tuple[bytes, Any]:
         async with self.session.post(self.base + route, json=body) as resp:
@@ -213,26 +205,10 @@ def pooling_body(url: str) -> dict[str, Any]:
     return {"model": SERVED, "messages": [{"role": "user", "content": [image_part(url)]}], "task": "token_embed"}
 
 
-class GrpcTarget(Target):
+class GrpcTarget(GrpcClient, Target):
     def __init__(self, name: str, index: int, address: str) -> None:
         self.name, self.index, self.address = name, index, address
         self.channel: Any = None
-
-    async def open(self, concurrency: int) -> None:
-        import grpc
-
-        from lateserve.v1 import pool_service_pb2_grpc, rerank_service_pb2_grpc
-
-        limit = 64 << 20
-        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
-        self.channel = grpc.aio.insecure_channel(self.address, options=options)
-        self.rerank_stub = rerank_service_pb2_grpc.RerankServiceStub(self.channel)
-        self.pool_stub = pool_service_pb2_grpc.PoolServiceStub(self.channel)
-
-    async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
-            self.channel = None
 
     async def send(self, mix: str, body: Body) -> Stage | None:
         from lateserve.v1 import common_pb2 as c
