@@ -205,6 +205,12 @@ class _StreamRpc(_Rpc, Generic[_P]):
         return self._bind(obj, owner)
 
 
+def _arguments(builder_locals: dict[str, Any]) -> dict[str, Any]:
+    """A builder's arguments by name, read from its `locals()` before it binds anything else, for the
+    requests.py function of the same parameters: the parameter list is spelled once, in the signature."""
+    return {name: value for name, value in builder_locals.items() if name != "self"}
+
+
 class ClientCore(Generic[_Channel]):
     """What the blocking and the asyncio client share: the channel's stubs, the per-call metadata (the API
     key) and every RPC method.
@@ -269,18 +275,7 @@ class ClientCore(Generic[_Channel]):
 
         max_tokens_per_doc / max_tokens_per_query (> 0): cut each document's / the query's text to its first
         that many tokens (special tokens not counted) before scoring, as vLLM's fields of the same names."""
-        request = requests.rerank_request(
-            query,
-            documents,
-            top_n=top_n,
-            model=model,
-            truncate_prompt_tokens=truncate_prompt_tokens,
-            embedding_mode=embedding_mode,
-            score_mode=score_mode,
-            request_id=request_id,
-            max_tokens_per_doc=max_tokens_per_doc,
-            max_tokens_per_query=max_tokens_per_query,
-        )
+        request = requests.rerank_request(**_arguments(locals()))
         return Unary(self._rerank.Rerank, request, responses.ranking)
 
     @_UnaryRpc
@@ -300,17 +295,7 @@ class ClientCore(Generic[_Channel]):
         """Scores pairs: one query against every document, or queries and documents zipped.
 
         max_tokens_per_doc / max_tokens_per_query as rerank()."""
-        request = requests.score_request(
-            queries,
-            documents,
-            model=model,
-            truncate_prompt_tokens=truncate_prompt_tokens,
-            embedding_mode=embedding_mode,
-            score_mode=score_mode,
-            request_id=request_id,
-            max_tokens_per_doc=max_tokens_per_doc,
-            max_tokens_per_query=max_tokens_per_query,
-        )
+        request = requests.score_request(**_arguments(locals()))
         return Unary(self._score.Score, request, responses.scores)
 
     @_UnaryRpc
@@ -334,19 +319,7 @@ class ClientCore(Generic[_Channel]):
         pool_factor (token_embed, late-interaction models): colpali-style hierarchical token pooling, at most
         n // pool_factor vectors per input; mask_non_image_embeddings: only the image tokens' vectors of
         inputs with images (applied first)."""
-        request = requests.pool_request(
-            inputs,
-            task=task,
-            model=model,
-            dtype=dtype,
-            normalize=normalize,
-            truncate_prompt_tokens=truncate_prompt_tokens,
-            embedding_mode=embedding_mode,
-            return_lexical_weights=return_lexical_weights,
-            request_id=request_id,
-            pool_factor=pool_factor,
-            mask_non_image_embeddings=mask_non_image_embeddings,
-        )
+        request = requests.pool_request(**_arguments(locals()))
         return Unary(self._pool.Pool, request, responses.pooled)
 
     @_StreamRpc
@@ -370,19 +343,7 @@ class ClientCore(Generic[_Channel]):
 
         The request is built (and validated) now; the call starts on the first iteration.
         """
-        request = requests.stream_pool_request(
-            inputs,
-            task=task,
-            model=model,
-            dtype=dtype,
-            normalize=normalize,
-            truncate_prompt_tokens=truncate_prompt_tokens,
-            embedding_mode=embedding_mode,
-            max_chunk_bytes=max_chunk_bytes,
-            request_id=request_id,
-            pool_factor=pool_factor,
-            mask_non_image_embeddings=mask_non_image_embeddings,
-        )
+        request = requests.stream_pool_request(**_arguments(locals()))
         return Stream(self._pool.StreamPool, request)
 
     @_UnaryRpc
@@ -398,15 +359,7 @@ class ClientCore(Generic[_Channel]):
         request_id: str = "",
     ) -> Unary[Pooled]:
         """One [dim] vector per input (bi-encoders, BGE-M3 dense)."""
-        request = requests.embed_request(
-            inputs,
-            model=model,
-            dimensions=dimensions,
-            normalize=normalize,
-            dtype=dtype,
-            truncate_prompt_tokens=truncate_prompt_tokens,
-            request_id=request_id,
-        )
+        request = requests.embed_request(**_arguments(locals()))
         return Unary(self._embed.Embed, request, responses.embedded)
 
     @_UnaryRpc
