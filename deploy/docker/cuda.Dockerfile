@@ -40,7 +40,7 @@ RUN apt-get update \
     && mkdir -p /models /cache/huggingface \
     && chown -R lateserve:lateserve /cache
 COPY --from=build /opt/lateserve /opt/lateserve
-COPY --chmod=0755 deploy/docker/entrypoint.sh deploy/docker/launch.py deploy/docker/healthcheck.py /app/
+COPY --chmod=0755 deploy/docker/entrypoint.sh deploy/docker/healthcheck.py /app/
 ENV PATH=/opt/lateserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface \

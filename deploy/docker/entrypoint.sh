@@ -12,8 +12,10 @@
 #                                     cache volume there); with HF_HUB_OFFLINE=1 only that cache is read.
 #   LATESERVE_GRPC_PORT (50051)       LATESERVE_HTTP_PORT (8000)        LATESERVE_HOST (0.0.0.0)
 #   LATESERVE_GATEWAY (1)             0: --no-gateway (gRPC only; run `entrypoint.sh gateway` beside it)
-#   LATESERVE_METRICS_PORT (9400)     Prometheus lateserve_* metrics of the serving process; 0 disables
-#   LATESERVE_METRICS_HOST            its bind address (LATESERVE_HOST)
+#   LATESERVE_METRICS_PORT (9400)     --metrics-port: Prometheus /metrics of the serving process (its lateserve_*
+#                                     series, with or without the gateway); 0 disables
+#   LATESERVE_METRICS_HOST            with LATESERVE_GATEWAY=0 only: the metrics bind address, passed as --host
+#                                     (LATESERVE_HOST); with the gateway, metrics share HTTP's LATESERVE_HOST
 #   LATESERVE_SHUTDOWN_GRACE_SECONDS  --shutdown-grace-seconds (default 30: keep terminationGracePeriodSeconds above)
 #   LATESERVE_DEVICE, LATESERVE_DTYPE, LATESERVE_WORKERS, LATESERVE_DOC_CACHE_MB, LATESERVE_MAX_MODEL_LEN,
 #   LATESERVE_SERVED_MODEL_NAME       the flags of the same name, when set
@@ -84,10 +86,17 @@ case $command in
         check_model "$model"
         grace=${LATESERVE_SHUTDOWN_GRACE_SECONDS:-30}
         set -- "$@" --grpc-host "$host" --grpc-port "$grpc_port" --shutdown-grace-seconds "$grace"
+        # --metrics-port binds to --host, which --no-gateway leaves to the metrics alone.
         case ${LATESERVE_GATEWAY:-1} in
-            0 | false | no) set -- "$@" --no-gateway ;;
-            *) set -- "$@" --host "$host" --port "$http_port" ;;
+            0 | false | no) set -- "$@" --no-gateway --host "${LATESERVE_METRICS_HOST:-$host}" ;;
+            *)
+                if [ -n "${LATESERVE_METRICS_HOST:-}" ] && [ "$LATESERVE_METRICS_HOST" != "$host" ]; then
+                    die "LATESERVE_METRICS_HOST needs LATESERVE_GATEWAY=0 (with the gateway, metrics bind to LATESERVE_HOST)"
+                fi
+                set -- "$@" --host "$host" --port "$http_port"
+                ;;
         esac
+        set -- "$@" --metrics-port "${LATESERVE_METRICS_PORT:-9400}"
         [ -n "${LATESERVE_DEVICE:-}" ] && set -- "$@" --device "$LATESERVE_DEVICE"
         [ -n "${LATESERVE_DTYPE:-}" ] && set -- "$@" --dtype "$LATESERVE_DTYPE"
         [ -n "${LATESERVE_WORKERS:-}" ] && set -- "$@" --workers "$LATESERVE_WORKERS"
@@ -99,8 +108,7 @@ case $command in
         if [ -n "$model" ]; then
             set -- "$model" "$@"
         fi
-        run "$python" "$here/launch.py" --metrics-port "${LATESERVE_METRICS_PORT:-9400}" \
-            --metrics-host "${LATESERVE_METRICS_HOST:-$host}" -- serve "$@"
+        run "$python" -m lateserve.server serve "$@"
         ;;
     gateway)
         target=${LATESERVE_GRPC_TARGET:-127.0.0.1:$grpc_port}

@@ -1,6 +1,7 @@
 """deploy/docker/entrypoint.sh outside a container: the flags it builds from LATESERVE_* (dry run), the
-errors it refuses to start with, and a real run: `serve` (gRPC only + metrics port), the grpc.health.v1
-probe the images' HEALTHCHECK runs, `gateway` as an HTTP sidecar in front of it, and a clean SIGTERM drain."""
+errors it refuses to start with, and a real run: `serve` (gRPC only + lateserve's --metrics-port), the
+grpc.health.v1 probe the images' HEALTHCHECK runs, `gateway` as an HTTP sidecar in front of it, and a clean
+SIGTERM drain."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from lateserve.server.cli import build_parser, config_from_args
 from tests.deploy.helpers import ENTRYPOINT, Replica, free_port, metric_sum, serving
 from tests.fixtures.checkpoints import write_hf_colbert
 
@@ -33,11 +35,26 @@ def _dry(*args: str, **env: str) -> list[str]:
 
 def test_serve_defaults() -> None:
     argv = _dry()
-    assert argv[0] == sys.executable and argv[1].endswith("deploy/docker/launch.py")
-    assert argv[2:8] == ["--metrics-port", "9400", "--metrics-host", "0.0.0.0", "--", "serve"]
-    flags = argv[8:]
+    assert argv[:4] == [sys.executable, "-m", "lateserve.server", "serve"]  # lateserve itself, no wrapper
+    flags = argv[4:]
     assert flags[:6] == ["--grpc-host", "0.0.0.0", "--grpc-port", "50051", "--shutdown-grace-seconds", "30"]
-    assert flags[6:] == ["--host", "0.0.0.0", "--port", "8000"]  # the in-process gateway, bundled model
+    # The in-process gateway and, beside it, lateserve's own metrics port; bundled model.
+    assert flags[6:] == ["--host", "0.0.0.0", "--port", "8000", "--metrics-port", "9400"]
+
+
+def test_metrics_port_and_host() -> None:
+    """--metrics-port binds to --host: gRPC-only, LATESERVE_METRICS_HOST picks it; with the gateway it is HTTP's."""
+    flags = _dry(LATESERVE_GATEWAY="0", LATESERVE_HOST="127.0.0.1", LATESERVE_METRICS_PORT="9500")[4:]
+    assert flags[6:] == ["--no-gateway", "--host", "127.0.0.1", "--metrics-port", "9500"]
+    flags = _dry(LATESERVE_GATEWAY="0", LATESERVE_HOST="127.0.0.1", LATESERVE_METRICS_HOST="0.0.0.0")[4:]
+    assert flags[:2] == ["--grpc-host", "127.0.0.1"]  # gRPC on loopback, metrics scraped on every address
+    assert flags[6:] == ["--no-gateway", "--host", "0.0.0.0", "--metrics-port", "9400"]
+    assert _dry(LATESERVE_METRICS_PORT="0")[-2:] == ["--metrics-port", "0"]  # off
+    # The flags are lateserve's own: they parse, and a metrics port on the HTTP port is refused by lateserve.
+    config = config_from_args(build_parser().parse_args(_dry(LATESERVE_GATEWAY="0")[3:]))
+    assert (config.metrics_port, config.host, config.gateway) == (9400, "0.0.0.0", False)
+    clash = _entry(LATESERVE_HTTP_PORT="9400")
+    assert clash.returncode == 1 and "--metrics-port 9400 is also the HTTP --port" in clash.stderr, clash.stderr
 
 
 def test_serve_flags_from_environment(tmp_path: Path) -> None:
@@ -81,6 +98,8 @@ def test_gateway_and_health_commands() -> None:
         ({"LATESERVE_MODEL": "/nonexistent/model"}, "no such directory"),
         ({"LATESERVE_MODEL": "/"}, "no config.json"),
         ({"LATESERVE_GRPC_PORT": "5o051"}, "ports must be numbers"),
+        ({"LATESERVE_METRICS_PORT": "94OO"}, "ports must be numbers"),
+        ({"LATESERVE_METRICS_HOST": "10.0.0.1"}, "LATESERVE_METRICS_HOST needs LATESERVE_GATEWAY=0"),
         ({"LATESERVE_MODEL": "org/model", "HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent"}, "holds no hub cache"),
     ],
 )

@@ -66,6 +66,8 @@ class Server:
         self.engine: Engine | None = None
         self._grpc: grpc.aio.Server | None = None
         self._gateway: Any = None
+        self._metrics_http: Any = None
+        self.metrics_port = 0
         self._batcher: Batcher | None = None
         self._health: HealthState | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
@@ -73,10 +75,28 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
+        cfg.check_ports()
         cfg.check_tls()
-        if cfg.otlp_traces_endpoint:
-            tracing.setup(cfg.otlp_traces_endpoint)
-            log.info("exporting traces to %s", cfg.otlp_traces_endpoint)
+        # First, so a taken port fails in milliseconds and scrapes see the load (workers_ready 0).
+        if cfg.metrics_port:
+            await self._start_metrics()
+        try:
+            if cfg.otlp_traces_endpoint:
+                tracing.setup(cfg.otlp_traces_endpoint)
+                log.info("exporting traces to %s", cfg.otlp_traces_endpoint)
+            await self._start_serving()
+        except BaseException:
+            await self._stop_metrics()
+            raise
+        log.info(
+            "ready: gRPC on port %d%s%s",
+            self.grpc_port,
+            f", HTTP on port {self.http_port}" if cfg.gateway else "",
+            f", /metrics on port {self.metrics_port}" if self._metrics_http is not None else "",
+        )
+
+    async def _start_serving(self) -> None:
+        cfg = self.config
         model = cfg.model or default_model_path()
         name = cfg.served_model_name or cfg.model or DEFAULT_SERVED_NAME
         source = load_source(
@@ -166,7 +186,6 @@ class Server:
         except BaseException:
             await self.stop(0)
             raise
-        log.info("ready: gRPC on port %d%s", self.grpc_port, f", HTTP on port {self.http_port}" if cfg.gateway else "")
 
     @staticmethod
     def _with_score_type(spec: ModelSpec, score_type: str) -> ModelSpec:
@@ -293,6 +312,30 @@ class Server:
         addresses = getattr(self._gateway, "addresses", [])
         self.http_port = int(addresses[0][1]) if addresses else cfg.port
 
+    async def _start_metrics(self) -> None:
+        from lateserve.server.metrics_http import start_metrics_server
+
+        cfg = self.config
+        self._metrics_http, self.metrics_port = await start_metrics_server(cfg.host, cfg.metrics_port, self._render)
+
+    def _render(self) -> bytes:
+        """What GET /metrics answers on --metrics-port: with the in-process gateway, exactly its /metrics
+        (its HTTP series, then the default registry), so moving a scrape between the two ports loses no
+        series; without it, the default registry, where every lateserve_* server series lives."""
+        if self._gateway is not None:
+            from lateserve.gateway.keys import METRICS
+
+            body, _ = self._gateway.app[METRICS].render()
+            return bytes(body)
+        from lateserve.server.metrics_http import default_render
+
+        return default_render()
+
+    async def _stop_metrics(self) -> None:
+        runner, self._metrics_http = self._metrics_http, None
+        if runner is not None:
+            await runner.cleanup()
+
     def _on_pool_change(self, ready: int) -> None:
         metrics.WORKERS_READY.set(ready)
         if self._health is not None:
@@ -319,3 +362,5 @@ class Server:
             self.engine.close()
         if self.config.otlp_traces_endpoint:
             tracing.shutdown()
+        # Last: Prometheus sees the queue drain and the workers go.
+        await self._stop_metrics()

@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-host", default="0.0.0.0")
     serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: any free port)")
     serve.add_argument("--no-gateway", action="store_true", help="serve gRPC only")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="also serve Prometheus /metrics on this port of --host, with or without the gateway (0: off)",
+    )
     serve.add_argument("--served-model-name", default="")
     serve.add_argument("--hf-overrides", type=_json_arg, default={})
     serve.add_argument("--trust-remote-code", action="store_true")
@@ -193,6 +199,7 @@ def _media_policy(ns: argparse.Namespace) -> MediaPolicy:
 def config_from_args(ns: argparse.Namespace) -> ServerConfig:
     config = _config(ns)
     try:
+        config.check_ports()
         config.check_tls()
     except ValueError as exc:
         raise SystemExit(f"lateserve: {exc}") from exc
@@ -208,6 +215,7 @@ def _config(ns: argparse.Namespace) -> ServerConfig:
         grpc_host=ns.grpc_host,
         grpc_port=ns.grpc_port,
         gateway=not ns.no_gateway,
+        metrics_port=ns.metrics_port,
         hf_overrides=ns.hf_overrides,
         trust_remote_code=ns.trust_remote_code,
         chat_template=ns.chat_template,
@@ -292,8 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         pass
     except Exception as exc:
         from lateserve.server.domain import ModelLoadError
+        from lateserve.server.metrics_http import MetricsPortError
 
-        if isinstance(exc, ModelLoadError):
+        if isinstance(exc, (ModelLoadError, MetricsPortError)):
             sys.exit(f"lateserve: {exc}")
         raise
 

@@ -23,6 +23,10 @@ class ServerConfig:
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
     gateway: bool = True
+    metrics_port: int = 0
+    """Prometheus /metrics on a port of its own, bound to `host` (0: none). The gateway's /metrics lives
+    on the HTTP port and vanishes with --no-gateway; this one works either way (server/.../metrics_http.py
+    says why `host`)."""
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
     chat_template: str | None = None
@@ -103,6 +107,24 @@ class ServerConfig:
     otlp_traces_endpoint: str | None = None
     """vLLM's --otlp-traces-endpoint: export a span per request (stages as children) over OTLP; unset:
     no tracing, and opentelemetry is never imported."""
+
+    def check_ports(self) -> None:
+        """Refuse a --metrics-port that another listener of this server takes, before anything binds.
+
+        Two sockets on one port fail at bind time at best; gRPC binds with SO_REUSEPORT, so the mistake
+        would surface as a gRPC bind error far from the flag that caused it.
+        """
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port {self.metrics_port}: not a port (0-65535; 0: off)")
+        if not self.metrics_port:
+            return
+        if self.gateway and self.metrics_port == self.port:
+            raise ValueError(
+                f"--metrics-port {self.metrics_port} is also the HTTP --port; pick another (the gateway "
+                "serves /metrics on its own port too)"
+            )
+        if self.metrics_port == self.grpc_port:
+            raise ValueError(f"--metrics-port {self.metrics_port} is also the --grpc-port; pick another")
 
     def check_tls(self) -> None:
         """Refuse TLS settings that cannot work, before anything starts."""
