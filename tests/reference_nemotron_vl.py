@@ -257,18 +257,5 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def image_bytes(size: tuple[int, int], seed: int, mode: str = "RGB", fmt: str = "PNG") -> bytes:
-    """A blocky noise image (compressible) of `size`."""
-    rng = np.random.default_rng(seed)
-    bands = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    base = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, bands), dtype=np.uint8)
-    pixels = np.repeat(np.repeat(base, 8, axis=0), 8, axis=1)[: size[1], : size[0]]
-    pixels = pixels + rng.integers(0, 24, pixels.shape, dtype=np.uint8)
-    image = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
 def chat_template_text(path: Path) -> str:
     return path.read_text(encoding="utf-8")

@@ -9,10 +9,7 @@ gRPC (Embed, Pool, StreamPool, Score, Rerank), plus one pass over the REST gatew
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +40,7 @@ from lateserve.v1 import (
 from lateserve.wire.status import unpack_details
 from lateserve.wire.tensors import from_tensor
 from tests.fixtures.bge_m3 import write_bge_m3
+from tests.fixtures.toy_vision import http_json
 from tests.live import LiveServer
 from tests.oracles.runner import run_oracle
 
@@ -290,13 +288,7 @@ def test_rerank_sparse_ordering(channel: grpc.Channel, oracle: dict[str, np.ndar
 
 
 def post(server: LiveServer, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(server.http_url + path, data=json.dumps(body).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return http_json(server.http_url, path, body)
 
 
 def test_http_routes_from_the_vllm_docs(server: LiveServer, channel: grpc.Channel) -> None:

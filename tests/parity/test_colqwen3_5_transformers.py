@@ -18,15 +18,13 @@ import json
 import shlex
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lateserve.server.cli import build_parser, config_from_args
 from lateserve.server.domain import (
@@ -34,7 +32,6 @@ from lateserve.server.domain import (
     ChatMessage,
     EncodeOptions,
     ImagePart,
-    Item,
     Modality,
     ModelLoadError,
     Task,
@@ -42,48 +39,35 @@ from lateserve.server.domain import (
     TextPart,
     WorkItem,
 )
-from lateserve.server.families.base import Family, InputProcessor, ModelRunner
 from lateserve.server.families.registry import family_for, load_source
-from lateserve.v1 import pool_service_pb2, pool_service_pb2_grpc, rerank_service_pb2, rerank_service_pb2_grpc
-from lateserve.wire.tensors import from_tensor
 from tests.fixtures.colqwen3 import token_id
 from tests.fixtures.colqwen3_5 import DIM, TEXT_HIDDEN, write_colqwen3_5
-from tests.fixtures.toy_vision import http_json
 from tests.live import LiveServer
-from tests.parity.test_colqwen3_transformers import (
+from tests.parity.common import (
     IMAGES,
     INPUTS,
-    QUERIES,
+    TOKEN_EMBED,
+    Case,
     as_item,
+    bfloat16_errors,
     check_close,
+    check_grpc_pool_and_rerank,
+    check_http_pooling,
+    check_http_rerank,
+    check_http_score,
     check_maxsim,
+    check_padded_batch,
     data_url,
-    json_parts,
-    proto_input,
+    rewrite_weights,
 )
 from tests.reference_qwen3_5 import Qwen3_5Reference, maxsim
-from tests.reference_qwen3vl import Part
+from tests.reference_qwen3vl import Qwen3VLReference
 
-TOKEN_EMBED = frozenset({Task.TOKEN_EMBED})
 HUB_NAME = "athrael-soju/colqwen3.5-4.5B"
 VARIANTS: dict[str, dict[str, bool]] = {
     "bidirectional": {"is_causal": False, "mtp": True},
     "causal": {"is_causal": True, "mtp": False},
 }
-
-
-@dataclass
-class Case:
-    name: str
-    path: Path
-    family: Family
-    processor: InputProcessor
-    runner: ModelRunner
-    reference: Qwen3_5Reference
-
-    def embed(self, items: list[Item], *, normalize: bool = True) -> list[np.ndarray]:
-        seqs = [self.processor.encode(i, EncodeOptions(), "input") for i in items]
-        return [o[Task.TOKEN_EMBED] for o in self.runner.forward([WorkItem(s, TOKEN_EMBED, normalize) for s in seqs])]
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +83,7 @@ _CASES: dict[str, Case] = {}
 def case(request: pytest.FixtureRequest, variant_dirs: dict[str, Path]) -> Case:
     name = request.param
     if name not in _CASES:
-        path = variant_dirs[name]
-        family = family_for(load_source(str(path)))
-        _CASES[name] = Case(
-            name, path, family, family.processor(), family.runner("cpu", "float32"), Qwen3_5Reference(path)
-        )
+        _CASES[name] = Case.load(name, variant_dirs[name], Qwen3_5Reference)
     return _CASES[name]
 
 
@@ -132,15 +112,8 @@ def test_prompt_ids_and_image_cost_match_the_reference(case: Case) -> None:
 
 
 def test_token_vectors_and_maxsim_match_the_reference_in_a_padded_batch(case: Case) -> None:
-    ours = case.embed([as_item(p) for p in INPUTS])
-    expected = [case.reference.vectors(p) for p in INPUTS]
-    worst = min(check_close(o, e) for o, e in zip(ours, expected, strict=True))
-    rels = [
-        check_maxsim(maxsim(ours[q], ours[d]), maxsim(expected[q], expected[d]))
-        for q in (0, 1)
-        for d in range(len(INPUTS))
-    ]
-    print(f"colqwen3.5 {case.name}: worst cosine {worst:.8f}, worst MaxSim rel {max(rels):.2e}")
+    ours, worst, worst_rel = check_padded_batch(case)
+    print(f"colqwen3.5 {case.name}: worst cosine {worst:.8f}, worst MaxSim rel {worst_rel:.2e}")
     for vectors in ours:
         assert vectors.dtype == np.float32 and vectors.shape[1] == DIM
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
@@ -195,28 +168,12 @@ def test_bfloat16_stays_close_to_float32(case: Case) -> None:
     """bf16 backbone (the delta rule itself runs in float32 inside transformers), float32 head. The tiny random
     model is more sensitive than real weights: measured worst cosine 0.989 (an image token), MaxSim off by at
     most 0.007 per query token (relative 1.6 %); transformers' own Qwen3_5Model in bf16 is as far (0.987)."""
-    half = case.family.runner("cpu", "bfloat16")
-    seqs = [case.processor.encode(as_item(p), EncodeOptions(), "input") for p in INPUTS]
-    outputs = [o[Task.TOKEN_EMBED] for o in half.forward([WorkItem(s, TOKEN_EMBED) for s in seqs])]
-    expected = [case.reference.vectors(p) for p in INPUTS]
-    worst = min(float((o * e).sum(-1).min()) for o, e in zip(outputs, expected, strict=True))
-    per_token, rel = 0.0, 0.0
-    for k in range(1, len(INPUTS)):
-        ours, ref = maxsim(outputs[0], outputs[k]), maxsim(expected[0], expected[k])
-        per_token = max(per_token, abs(ours - ref) / len(expected[0]))
-        rel = max(rel, abs(ours - ref) / abs(ref))
+    worst, per_token, rel = bfloat16_errors(case)
     print(f"colqwen3.5 {case.name} bf16: worst cosine {worst:.5f}, MaxSim error {per_token:.4f}/token (rel {rel:.2e})")
-    assert all(o.dtype == np.float32 for o in outputs)
     assert worst > 0.98 and per_token < 0.02
 
 
 # --- loading ----------------------------------------------------------------------------------
-
-
-def _rewrite(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    state = load_file(str(path / "model.safetensors"))
-    edit(state)
-    save_file(state, str(path / "model.safetensors"), {"format": "pt"})
 
 
 def _prefix_all(prefix: str) -> Callable[[dict[str, torch.Tensor]], None]:
@@ -244,7 +201,7 @@ def test_wrong_layouts_fail_naming_the_weights(
     tmp_path: Path, edit: Callable[[dict[str, torch.Tensor]], None], overrides: dict[str, Any], named: str
 ) -> None:
     path = write_colqwen3_5(tmp_path / "bad")
-    _rewrite(path, edit)
+    rewrite_weights(path, edit)
     with pytest.raises(ModelLoadError, match=named):
         family_for(load_source(str(path), hf_overrides=overrides)).runner("cpu", "float32")
 
@@ -259,7 +216,7 @@ def test_layer_types_that_do_not_match_the_weights_fail_naming_them(tmp_path: Pa
 
 def test_mtp_and_lm_head_are_skipped_and_dim_comes_from_the_weight(tmp_path: Path) -> None:
     path = write_colqwen3_5(tmp_path / "extra", mtp=True)
-    _rewrite(path, lambda s: s.update({"lm_head.weight": torch.zeros(4, TEXT_HIDDEN)}))
+    rewrite_weights(path, lambda s: s.update({"lm_head.weight": torch.zeros(4, TEXT_HIDDEN)}))
     family = family_for(load_source(str(path), hf_overrides={"dim": None}))
     assert family.spec().token_dim == DIM
     family.runner("cpu", "float32")
@@ -289,79 +246,25 @@ def live(variant_dirs: dict[str, Path]) -> Iterator[LiveServer]:
 
 
 @pytest.fixture(scope="module")
-def reference(variant_dirs: dict[str, Path]) -> Qwen3_5Reference:
+def reference(variant_dirs: dict[str, Path]) -> Qwen3VLReference:
     cached = _CASES.get("bidirectional")
     return cached.reference if cached else Qwen3_5Reference(variant_dirs["bidirectional"])
 
 
-def test_http_pooling_input_and_messages(live: LiveServer, reference: Qwen3_5Reference) -> None:
-    status, body = http_json(live.http_url, "/pooling", {"input": QUERIES[0], "task": "token_embed"})
-    assert status == 200, body
-    assert body["object"] == "list" and body["model"] == HUB_NAME
-    check_close(np.asarray(body["data"][0]["data"], dtype=np.float32), reference.vectors([QUERIES[0]]))
-
-    content = json_parts([IMAGES["rgba"], "Describe the image."])
-    status, body = http_json(
-        live.http_url, "/pooling", {"messages": [{"role": "user", "content": content}], "task": "token_embed"}
-    )
-    assert status == 200, body
-    ids, images = reference.chat_ids(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
-        [IMAGES["rgba"]],
-    )
-    check_close(np.asarray(body["data"][0]["data"], dtype=np.float32), reference.vectors_for(ids, images))
-    assert body["usage"]["prompt_tokens"] == len(ids)
+def test_http_pooling_input_and_messages(live: LiveServer, reference: Qwen3VLReference) -> None:
+    check_http_pooling(live, reference, HUB_NAME)
 
 
-def test_http_rerank_with_image_documents(live: LiveServer, reference: Qwen3_5Reference) -> None:
-    documents: list[list[Part]] = [[IMAGES["odd"], "Describe the image."], [IMAGES["gray"]], [IMAGES["jpeg"]]]
-    request = {"query": QUERIES[1], "documents": [{"content": json_parts(d)} for d in documents], "top_n": 2}
-    status, body = http_json(live.http_url, "/rerank", request)
-    assert status == 200, body
-    q = reference.vectors([QUERIES[1]])
-    expected = [maxsim(q, reference.vectors(d)) for d in documents]
-    assert [r["index"] for r in body["results"]] == sorted(range(3), key=lambda i: -expected[i])[:2]
-    for result in body["results"]:
-        assert result["document"] == {"text": None, "multi_modal": request["documents"][result["index"]]["content"]}
-        check_maxsim(result["relevance_score"], expected[result["index"]])
-    tokens = len(reference.prompt([QUERIES[1]])[0]) + sum(len(reference.prompt(d)[0]) for d in documents)
-    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+def test_http_rerank_with_image_documents(live: LiveServer, reference: Qwen3VLReference) -> None:
+    check_http_rerank(live, reference)
 
 
-def test_http_score_with_content_lists(live: LiveServer, reference: Qwen3_5Reference) -> None:
-    queries: list[list[Part]] = [[QUERIES[0]], [QUERIES[1], IMAGES["tiny"]]]
-    documents: list[list[Part]] = [[IMAGES["jpeg"], "text too"], [IMAGES["rgba"]]]
-    request = {
-        "data_1": [{"content": json_parts(q)} for q in queries],
-        "data_2": [{"content": json_parts(d)} for d in documents],
-    }
-    status, body = http_json(live.http_url, "/score", request)
-    assert status == 200, body
-    assert [d["index"] for d in body["data"]] == [0, 1]
-    for k, item in enumerate(body["data"]):
-        check_maxsim(item["score"], maxsim(reference.vectors(queries[k]), reference.vectors(documents[k])))
+def test_http_score_with_content_lists(live: LiveServer, reference: Qwen3VLReference) -> None:
+    check_http_score(live, reference)
 
 
-def test_grpc_pool_and_rerank_with_image_parts(live: LiveServer, reference: Qwen3_5Reference) -> None:
-    with grpc.insecure_channel(live.grpc_target) as channel:
-        pool = pool_service_pb2_grpc.PoolServiceStub(channel)
-        inputs = [INPUTS[0], INPUTS[4], INPUTS[5]]
-        reply = pool.Pool(pool_service_pb2.PoolRequest(inputs=[proto_input(p) for p in inputs]), timeout=120)
-        for parts, output in zip(inputs, reply.outputs, strict=True):
-            check_close(from_tensor(output.data), reference.vectors(parts))
-        rerank = rerank_service_pb2_grpc.RerankServiceStub(channel)
-        documents = [INPUTS[2], INPUTS[3], INPUTS[1]]
-        ranked = rerank.Rerank(
-            rerank_service_pb2.RerankRequest(
-                query=proto_input(INPUTS[0]), documents=[proto_input(d) for d in documents], top_n=3
-            ),
-            timeout=120,
-        )
-    q = reference.vectors(INPUTS[0])
-    expected = [maxsim(q, reference.vectors(d)) for d in documents]
-    assert [r.index for r in ranked.results] == sorted(range(3), key=lambda i: -expected[i])
-    for result in ranked.results:
-        check_maxsim(result.relevance_score, expected[result.index])
+def test_grpc_pool_and_rerank_with_image_parts(live: LiveServer, reference: Qwen3VLReference) -> None:
+    check_grpc_pool_and_rerank(live, reference)
 
 
 # The reference doc's ColQwen3.5 section, verbatim (only the host:port is the live server's).
@@ -378,7 +281,7 @@ def _curl(live: LiveServer, command: str) -> tuple[dict[str, Any], dict[str, Any
     return json.loads(argv[argv.index("-d") + 1]), json.loads(text)
 
 
-def test_reference_doc_commands(live: LiveServer, reference: Qwen3_5Reference) -> None:
+def test_reference_doc_commands(live: LiveServer, reference: Qwen3VLReference) -> None:
     request, body = _curl(live, DOC_RERANK)
     assert body["model"] == HUB_NAME and body["id"].startswith("score-")
     q = reference.vectors([request["query"]])

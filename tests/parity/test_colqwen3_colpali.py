@@ -19,9 +19,7 @@ mode, while colpali's process_images drops it: see qwen_vl/faithful.py).
 
 from __future__ import annotations
 
-import base64
 import importlib.util
-import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
-from lateserve.server.config import ServerConfig
 from lateserve.server.domain import (
     ChatItem,
     ChatMessage,
@@ -64,10 +60,8 @@ from tests.fixtures.colqwen3 import write_colqwen3_tomoro, write_nemotron_colemb
 from tests.fixtures.toy_vision import http_json
 from tests.live import LiveServer
 from tests.oracles.runner import run_oracle
+from tests.parity.common import TOKEN_EMBED, check_close, check_rel, data_url, image_bytes, live_server
 
-TOKEN_EMBED = frozenset({Task.TOKEN_EMBED})
-MIN_COSINE = 0.9999
-MAX_REL = 1e-4
 QUERY, DOCUMENT, RAW = EmbeddingMode.QUERY, EmbeddingMode.DOCUMENT, EmbeddingMode.RAW
 
 
@@ -89,40 +83,17 @@ if _C35 is not None:
     LAYOUTS["colqwen3_5"] = "colqwen3_5"
 
 
-def _noise(size: tuple[int, int], mode: str, seed: int) -> Image.Image:
-    """Blocks of colour plus a little noise (compressible, and not all high frequencies)."""
-    rng = np.random.default_rng(seed)
-    bands = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    base = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, bands), dtype=np.uint8)
-    pixels = np.repeat(np.repeat(base, 8, axis=0), 8, axis=1)[: size[1], : size[0]]
-    pixels = pixels + rng.integers(0, 24, pixels.shape, dtype=np.uint8)
-    if mode == "RGBA":
-        pixels[..., 3] = 255  # opaque: see the module docstring
-    return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
-
-
-def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
 IMAGES: list[bytes] = [
-    _encode(_noise((97, 61), "RGB", 1)),
-    _encode(_noise((50, 130), "RGBA", 2)),
-    _encode(_noise((73, 45), "L", 3)),
-    _encode(_noise((120, 88), "RGB", 4), "JPEG"),
-    _encode(_noise((96, 64), "RGB", 5)),  # a multiple of 32 within the pixel bounds: no resize at all
+    image_bytes((97, 61), 1),
+    image_bytes((50, 130), 2, "RGBA", opaque=True),  # opaque: see the module docstring
+    image_bytes((73, 45), 3, "L"),
+    image_bytes((120, 88), 4, "RGB", "JPEG"),
+    image_bytes((96, 64), 5),  # a multiple of 32 within the pixel bounds: no resize at all
 ]
 EXACT = 4
 """The image both image backends prepare identically (no resampling)."""
 QUERIES = ["What is machine learning?", "Retrieve the city of Beijing", "Describe the image."]
 TEXTS = ["The capital of France is Paris.", "Machine learning is a subset of artificial intelligence."]
-
-
-def data_url(data: bytes) -> str:
-    mime = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def image_item(data: bytes, *texts: str) -> MultiModalItem:
@@ -131,20 +102,6 @@ def image_item(data: bytes, *texts: str) -> MultiModalItem:
 
 def image_content(data: bytes) -> list[dict[str, Any]]:
     return [{"type": "image_url", "image_url": {"url": data_url(data)}}]
-
-
-def check_close(ours: np.ndarray, expected: np.ndarray) -> float:
-    assert ours.dtype == np.float32 and ours.shape == expected.shape, (ours.shape, expected.shape)
-    cosines = (ours * expected).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(expected, axis=-1))
-    worst = float(cosines.min())
-    assert worst >= MIN_COSINE, worst
-    return worst
-
-
-def check_score(ours: float, expected: float) -> float:
-    rel = abs(ours - expected) / abs(expected)
-    assert rel <= MAX_REL, (ours, expected)
-    return rel
 
 
 def maxsim(q: np.ndarray, d: np.ndarray) -> float:
@@ -225,9 +182,9 @@ def test_faithful_vectors_and_scores_match_colpali_in_a_padded_batch(
     rels = []
     for i in range(len(QUERIES)):
         for j in range(len(IMAGES)):
-            rels.append(check_score(maxsim(ours[f"query/{i}"], ours[f"document/{j}"]), oracle[f"{name}/scores"][i, j]))
+            rels.append(check_rel(maxsim(ours[f"query/{i}"], ours[f"document/{j}"]), oracle[f"{name}/scores"][i, j]))
         for k in range(len(TEXTS)):
-            rels.append(check_score(maxsim(ours[f"query/{i}"], ours[f"text/{k}"]), oracle[f"{name}/text_scores"][i, k]))
+            rels.append(check_rel(maxsim(ours[f"query/{i}"], ours[f"text/{k}"]), oracle[f"{name}/text_scores"][i, k]))
     print(f"{name}: worst cosine {worst:.8f}, worst score rel {max(rels):.2e}")
 
 
@@ -318,15 +275,7 @@ def test_what_faithful_modes_cannot_encode_is_a_400_on_embedding_mode(
 
 @pytest.fixture(scope="module", params=["tomoro", "ops"])
 def live(request: pytest.FixtureRequest, model_dirs: dict[str, Path]) -> Iterator[tuple[str, LiveServer]]:
-    config = ServerConfig(
-        model=str(model_dirs[request.param]),
-        served_model_name=f"tiny-{request.param}",
-        workers=1,
-        threads_per_worker=1,
-        max_model_len=4096,
-        scoring_embedding_mode="faithful",
-    )
-    with LiveServer(config) as server:
+    with live_server(model_dirs[request.param], f"tiny-{request.param}", scoring_embedding_mode="faithful") as server:
         yield request.param, server
 
 
@@ -374,7 +323,7 @@ def test_http_rerank_and_score_encode_faithfully(live: tuple[str, LiveServer], o
     expected = [float(oracle[f"{name}/scores"][1, j]) for j in docs]
     assert [r["index"] for r in body["results"]] == sorted(range(len(docs)), key=lambda i: -expected[i])
     for result in body["results"]:
-        check_score(result["relevance_score"], expected[result["index"]])
+        check_rel(result["relevance_score"], expected[result["index"]])
     tokens = len(oracle[f"{name}/query_ids/1"]) + sum(len(oracle[f"{name}/document_ids/{j}"]) for j in docs)
     assert body["usage"]["prompt_tokens"] == tokens
 
@@ -384,8 +333,8 @@ def test_http_rerank_and_score_encode_faithfully(live: tuple[str, LiveServer], o
         {"data_1": QUERIES[0], "data_2": [TEXTS[0], {"content": image_content(IMAGES[4])}]},
     )
     assert status == 200, body
-    check_score(body["data"][0]["score"], float(oracle[f"{name}/text_scores"][0, 0]))
-    check_score(body["data"][1]["score"], float(oracle[f"{name}/scores"][0, 4]))
+    check_rel(body["data"][0]["score"], float(oracle[f"{name}/text_scores"][0, 0]))
+    check_rel(body["data"][1]["score"], float(oracle[f"{name}/scores"][0, 4]))
     # An explicit raw mode on the request overrides the server's faithful scoring.
     status, raw = http_json(
         server.http_url, "/score", {"data_1": QUERIES[0], "data_2": TEXTS[0], "embedding_mode": "raw"}
@@ -442,7 +391,7 @@ def test_grpc_pool_rerank_and_score(live: tuple[str, LiveServer], oracle: dict[s
         expected = [float(oracle[f"{name}/scores"][2, j]) for j in range(len(IMAGES))]
         assert [r.index for r in rerank.results] == sorted(range(len(IMAGES)), key=lambda j: -expected[j])
         for result in rerank.results:
-            check_score(result.relevance_score, expected[result.index])
+            check_rel(result.relevance_score, expected[result.index])
 
         score = score_service_pb2_grpc.ScoreServiceStub(channel).Score(
             score_service_pb2.ScoreRequest(
@@ -452,4 +401,4 @@ def test_grpc_pool_rerank_and_score(live: tuple[str, LiveServer], oracle: dict[s
         )
         assert [r.index for r in score.results] == list(range(len(TEXTS)))
         for k, result in enumerate(score.results):
-            check_score(result.score, float(oracle[f"{name}/text_scores"][0, k]))
+            check_rel(result.score, float(oracle[f"{name}/text_scores"][0, k]))

@@ -35,7 +35,7 @@ from lateserve.server.cli import build_parser, config_from_args
 from tests.fixtures.colqwen3 import EMBED_DIM, write_colqwen3_tomoro
 from tests.fixtures.toy_vision import http_json
 from tests.live import LiveServer
-from tests.parity.test_colqwen3_transformers import IMAGES, check_close, check_maxsim
+from tests.parity.common import IMAGES, check_close, check_maxsim
 from tests.reference_qwen3vl import Part, Qwen3VLReference, maxsim
 
 HUB_NAME = "TomoroAI/tomoro-colqwen3-embed-4b"

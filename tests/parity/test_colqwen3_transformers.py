@@ -13,21 +13,14 @@ worst values are far tighter (about 1e-7).
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
 
-from lateserve.server.config import ServerConfig
 from lateserve.server.domain import (
     ChatItem,
     ChatMessage,
@@ -35,7 +28,6 @@ from lateserve.server.domain import (
     EncodeOptions,
     ImagePart,
     InvalidArgument,
-    Item,
     Modality,
     ModelLoadError,
     MultiModalItem,
@@ -45,11 +37,7 @@ from lateserve.server.domain import (
     TokenItem,
     WorkItem,
 )
-from lateserve.server.families.base import Family, InputProcessor, ModelRunner
 from lateserve.server.families.registry import family_for, load_source
-from lateserve.v1 import common_pb2 as c
-from lateserve.v1 import pool_service_pb2, pool_service_pb2_grpc, rerank_service_pb2, rerank_service_pb2_grpc
-from lateserve.wire.tensors import from_tensor
 from tests.fixtures.colqwen3 import (
     EMBED_DIM,
     TEXT_HIDDEN,
@@ -58,115 +46,33 @@ from tests.fixtures.colqwen3 import (
     write_nemotron_colembed,
     write_ops_colqwen3,
 )
-from tests.fixtures.toy_vision import http_json
 from tests.live import LiveServer
-from tests.reference_qwen3vl import Part, Qwen3VLReference, maxsim
+from tests.parity.common import (
+    IMAGES,
+    INPUTS,
+    TOKEN_EMBED,
+    Case,
+    as_item,
+    bfloat16_errors,
+    check_close,
+    check_grpc_pool_and_rerank,
+    check_http_pooling,
+    check_http_rerank,
+    check_http_score,
+    check_padded_batch,
+    data_url,
+    image_bytes,
+    live_server,
+    rewrite_weights,
+)
+from tests.reference_qwen3vl import Qwen3VLReference
 
-TOKEN_EMBED = frozenset({Task.TOKEN_EMBED})
-MIN_COSINE = 0.9999
-MAX_REL = 1e-4
 WRITERS: dict[str, Callable[[Path], Path]] = {
     "tomoro": write_colqwen3_tomoro,
     "ops": write_ops_colqwen3,
     "nemotron": write_nemotron_colembed,
 }
 DIMS = {"tomoro": EMBED_DIM, "ops": EMBED_DIM, "nemotron": TEXT_HIDDEN}
-
-
-def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-def _noise(size: tuple[int, int], mode: str, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    bands = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    base = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, bands), dtype=np.uint8)
-    pixels = np.repeat(np.repeat(base, 8, axis=0), 8, axis=1)[: size[1], : size[0]]  # blocks: compressible
-    pixels = pixels + rng.integers(0, 24, pixels.shape, dtype=np.uint8)
-    return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
-
-
-IMAGES: dict[str, bytes] = {
-    "odd": _encode(_noise((97, 61), "RGB", 1)),
-    "rgba": _encode(_noise((50, 130), "RGBA", 2)),
-    "gray": _encode(_noise((73, 45), "L", 3)),
-    "jpeg": _encode(_noise((120, 88), "RGB", 4), "JPEG"),
-    "tiny": _encode(_noise((9, 13), "RGB", 5)),
-}
-QUERIES = ["What is machine learning?", "Retrieve the city of Beijing"]
-INPUTS: list[list[Part]] = [
-    [QUERIES[0]],
-    ["The capital of France is Paris. Machine learning is a subset of artificial intelligence."],
-    [IMAGES["odd"]],
-    [IMAGES["rgba"], "Describe the image."],
-    [IMAGES["gray"], "first", "second line"],
-    [IMAGES["jpeg"], IMAGES["tiny"], "Two images."],
-    ["A text before", IMAGES["odd"]],  # vLLM moves the placeholder first whatever the part order
-]
-
-
-def data_url(data: bytes) -> str:
-    mime = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def as_item(parts: list[Part]) -> Item:
-    if len(parts) == 1 and isinstance(parts[0], str):
-        return TextItem(parts[0])
-    return MultiModalItem(tuple(ImagePart(data_url(p)) if isinstance(p, bytes) else TextPart(p) for p in parts))
-
-
-def json_parts(parts: list[Part]) -> list[dict[str, Any]]:
-    return [
-        {"type": "image_url", "image_url": {"url": data_url(p)}}
-        if isinstance(p, bytes)
-        else {"type": "text", "text": p}
-        for p in parts
-    ]
-
-
-def proto_input(parts: list[Part]) -> c.Input:
-    if len(parts) == 1 and isinstance(parts[0], str):
-        return c.Input(text=parts[0])
-    return c.Input(
-        content=c.MultiModalContent(
-            parts=[
-                c.ContentPart(image_url=c.ImageUrl(url=data_url(p))) if isinstance(p, bytes) else c.ContentPart(text=p)
-                for p in parts
-            ]
-        )
-    )
-
-
-def check_close(ours: np.ndarray, expected: np.ndarray) -> float:
-    """Asserts the per-token cosine bound; returns the worst cosine."""
-    assert ours.dtype == np.float32 and ours.shape == expected.shape, (ours.shape, expected.shape)
-    cosines = (ours * expected).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(expected, axis=-1))
-    worst = float(cosines.min())
-    assert worst >= MIN_COSINE, worst
-    return worst
-
-
-def check_maxsim(ours: float, expected: float) -> float:
-    rel = abs(ours - expected) / abs(expected)
-    assert rel <= MAX_REL, (ours, expected)
-    return rel
-
-
-@dataclass
-class Case:
-    name: str
-    path: Path
-    family: Family
-    processor: InputProcessor
-    runner: ModelRunner
-    reference: Qwen3VLReference
-
-    def embed(self, items: list[Item], *, normalize: bool = True) -> list[np.ndarray]:
-        seqs = [self.processor.encode(i, EncodeOptions(), "input") for i in items]
-        return [o[Task.TOKEN_EMBED] for o in self.runner.forward([WorkItem(s, TOKEN_EMBED, normalize) for s in seqs])]
 
 
 @pytest.fixture(scope="module")
@@ -182,11 +88,7 @@ _CASES: dict[str, Case] = {}
 def case(request: pytest.FixtureRequest, layout_dirs: dict[str, Path]) -> Case:
     name = request.param
     if name not in _CASES:
-        path = layout_dirs[name]
-        family = family_for(load_source(str(path)))
-        _CASES[name] = Case(
-            name, path, family, family.processor(), family.runner("cpu", "float32"), Qwen3VLReference(path)
-        )
+        _CASES[name] = Case.load(name, layout_dirs[name], Qwen3VLReference)
     return _CASES[name]
 
 
@@ -221,15 +123,8 @@ def test_prompt_ids_match_the_reference(case: Case) -> None:
 
 
 def test_token_vectors_and_maxsim_match_the_reference_in_a_padded_batch(case: Case) -> None:
-    ours = case.embed([as_item(p) for p in INPUTS])
-    expected = [case.reference.vectors(p) for p in INPUTS]
-    worst = min(check_close(o, e) for o, e in zip(ours, expected, strict=True))
-    rels = [
-        check_maxsim(maxsim(ours[q], ours[d]), maxsim(expected[q], expected[d]))
-        for q in (0, 1)
-        for d in range(len(INPUTS))
-    ]
-    print(f"{case.name}: worst cosine {worst:.8f}, worst MaxSim rel {max(rels):.2e}")
+    ours, worst, worst_rel = check_padded_batch(case)
+    print(f"{case.name}: worst cosine {worst:.8f}, worst MaxSim rel {worst_rel:.2e}")
     np.testing.assert_allclose(np.linalg.norm(ours[3], axis=-1), 1.0, atol=1e-5)
     assert ours[0].shape[1] == DIMS[case.name]
 
@@ -276,7 +171,7 @@ def test_bad_images_name_their_part(case: Case) -> None:
     with pytest.raises(InvalidArgument) as err:
         case.processor.encode(item, EncodeOptions(), "input")
     assert err.value.field == "content[1].image_url"
-    thin = _encode(_noise((402, 2), "RGB", 6))  # aspect ratio over 200: transformers refuses it too
+    thin = image_bytes((402, 2), 6)  # aspect ratio over 200: transformers refuses it too
     with pytest.raises(InvalidArgument, match="aspect ratio") as ratio:
         case.processor.encode(MultiModalItem((ImagePart(data_url(thin)),)), EncodeOptions(), "input")
     assert ratio.value.field == "content[0].image_url"
@@ -301,18 +196,8 @@ def test_request_mm_processor_kwargs_change_the_grid_and_the_digest(case: Case) 
 def test_bfloat16_stays_close_to_float32(case: Case) -> None:
     """bf16 backbone, float32 head. The tiny random model is more sensitive than real weights; measured worst
     cosine about 0.9992 and MaxSim off by at most 0.006 per query token (relative 1-2 %)."""
-    half = case.family.runner("cpu", "bfloat16")
-    seqs = [case.processor.encode(as_item(p), EncodeOptions(), "input") for p in INPUTS]
-    outputs = [o[Task.TOKEN_EMBED] for o in half.forward([WorkItem(s, TOKEN_EMBED) for s in seqs])]
-    expected = [case.reference.vectors(p) for p in INPUTS]
-    worst = min(float((o * e).sum(-1).min()) for o, e in zip(outputs, expected, strict=True))
-    per_token, rel = 0.0, 0.0
-    for k in range(1, len(INPUTS)):
-        ours, ref = maxsim(outputs[0], outputs[k]), maxsim(expected[0], expected[k])
-        per_token = max(per_token, abs(ours - ref) / len(expected[0]))
-        rel = max(rel, abs(ours - ref) / abs(ref))
+    worst, per_token, rel = bfloat16_errors(case)
     print(f"{case.name} bf16: worst cosine {worst:.5f}, MaxSim error {per_token:.4f} per query token (rel {rel:.2e})")
-    assert all(o.dtype == np.float32 for o in outputs)
     assert worst > 0.995 and per_token < 0.02
 
 
@@ -327,12 +212,6 @@ def test_attention_direction(case: Case) -> None:
 
 
 # --- loading ----------------------------------------------------------------------------------
-
-
-def _rewrite(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    state = load_file(str(path / "model.safetensors"))
-    edit(state)
-    save_file(state, str(path / "model.safetensors"), {"format": "pt"})
 
 
 @pytest.mark.parametrize(
@@ -361,7 +240,7 @@ def test_wrong_layouts_fail_naming_the_weights(
     named: str,
 ) -> None:
     path = WRITERS[name](tmp_path / name)
-    _rewrite(path, edit)
+    rewrite_weights(path, edit)
     with pytest.raises(ModelLoadError, match=named):
         family_for(load_source(str(path), hf_overrides=overrides)).runner("cpu", "float32")
 
@@ -377,14 +256,7 @@ def test_projection_dim_comes_from_the_weight_without_config(tmp_path: Path) -> 
 
 @pytest.fixture(scope="module", params=list(WRITERS))
 def live(request: pytest.FixtureRequest, layout_dirs: dict[str, Path]) -> Iterator[tuple[str, LiveServer]]:
-    config = ServerConfig(
-        model=str(layout_dirs[request.param]),
-        served_model_name=f"tiny-{request.param}",
-        workers=1,
-        threads_per_worker=1,
-        max_model_len=4096,
-    )
-    with LiveServer(config) as server:
+    with live_server(layout_dirs[request.param], f"tiny-{request.param}") as server:
         yield request.param, server
 
 
@@ -396,88 +268,19 @@ def _reference(name: str, layout_dirs: dict[str, Path]) -> Qwen3VLReference:
 
 def test_http_pooling_input_and_messages(live: tuple[str, LiveServer], layout_dirs: dict[str, Path]) -> None:
     name, server = live
-    ref = _reference(name, layout_dirs)
-    status, body = http_json(server.http_url, "/pooling", {"input": QUERIES[0], "task": "token_embed"})
-    assert status == 200, body
-    assert body["object"] == "list" and body["model"] == f"tiny-{name}"
-    check_close(np.asarray(body["data"][0]["data"], dtype=np.float32), ref.vectors([QUERIES[0]]))
-
-    content = json_parts([IMAGES["rgba"], "Describe the image."])
-    status, body = http_json(
-        server.http_url, "/pooling", {"messages": [{"role": "user", "content": content}], "task": "token_embed"}
-    )
-    assert status == 200, body
-    ids, images = ref.chat_ids(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
-        [IMAGES["rgba"]],
-    )
-    got = np.asarray(body["data"][0]["data"], dtype=np.float32)
-    check_close(got, ref.vectors_for(ids, images))
-    assert body["usage"]["prompt_tokens"] == len(ids)
+    check_http_pooling(server, _reference(name, layout_dirs), f"tiny-{name}")
 
 
 def test_http_rerank_with_image_documents(live: tuple[str, LiveServer], layout_dirs: dict[str, Path]) -> None:
     name, server = live
-    ref = _reference(name, layout_dirs)
-    documents: list[list[Part]] = [[IMAGES["odd"], "Describe the image."], [IMAGES["gray"]], [IMAGES["jpeg"]]]
-    request = {
-        "query": QUERIES[1],
-        "documents": [{"content": json_parts(d)} for d in documents],
-        "top_n": 2,
-    }
-    status, body = http_json(server.http_url, "/rerank", request)
-    assert status == 200, body
-    assert list(body) == ["id", "model", "usage", "results"] and body["id"].startswith("score-")
-    q = ref.vectors([QUERIES[1]])
-    expected = [maxsim(q, ref.vectors(d)) for d in documents]
-    order = sorted(range(len(documents)), key=lambda i: -expected[i])[:2]
-    assert [r["index"] for r in body["results"]] == order
-    for result in body["results"]:
-        assert list(result) == ["index", "document", "relevance_score"]
-        assert result["document"] == {"text": None, "multi_modal": request["documents"][result["index"]]["content"]}
-        check_maxsim(result["relevance_score"], expected[result["index"]])
-    q_len = len(ref.prompt([QUERIES[1]])[0])
-    tokens = q_len + sum(len(ref.prompt(d)[0]) for d in documents)  # every input encoded, as for text models
-    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    check_http_rerank(server, _reference(name, layout_dirs), keys=True)
 
 
 def test_http_score_with_content_lists(live: tuple[str, LiveServer], layout_dirs: dict[str, Path]) -> None:
     name, server = live
-    ref = _reference(name, layout_dirs)
-    queries: list[list[Part]] = [[QUERIES[0]], [QUERIES[1], IMAGES["tiny"]]]
-    documents: list[list[Part]] = [[IMAGES["jpeg"], "text too"], [IMAGES["rgba"]]]
-    request = {
-        "data_1": [{"content": json_parts(q)} for q in queries],
-        "data_2": [{"content": json_parts(d)} for d in documents],
-    }
-    status, body = http_json(server.http_url, "/score", request)
-    assert status == 200, body
-    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
-    for k, item in enumerate(body["data"]):
-        assert item["object"] == "score"
-        check_maxsim(item["score"], maxsim(ref.vectors(queries[k]), ref.vectors(documents[k])))
+    check_http_score(server, _reference(name, layout_dirs), objects=True)
 
 
 def test_grpc_pool_and_rerank_with_image_parts(live: tuple[str, LiveServer], layout_dirs: dict[str, Path]) -> None:
     name, server = live
-    ref = _reference(name, layout_dirs)
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        pool = pool_service_pb2_grpc.PoolServiceStub(channel)
-        inputs = [INPUTS[0], INPUTS[4], INPUTS[5]]
-        reply = pool.Pool(pool_service_pb2.PoolRequest(inputs=[proto_input(p) for p in inputs]), timeout=120)
-        for parts, output in zip(inputs, reply.outputs, strict=True):
-            check_close(from_tensor(output.data), ref.vectors(parts))
-        rerank = rerank_service_pb2_grpc.RerankServiceStub(channel)
-        documents = [INPUTS[2], INPUTS[3], INPUTS[1]]
-        ranked = rerank.Rerank(
-            rerank_service_pb2.RerankRequest(
-                query=proto_input(INPUTS[0]), documents=[proto_input(d) for d in documents], top_n=3
-            ),
-            timeout=120,
-        )
-    q = ref.vectors(INPUTS[0])
-    expected = [maxsim(q, ref.vectors(d)) for d in documents]
-    assert [r.index for r in ranked.results] == sorted(range(3), key=lambda i: -expected[i])
-    for result in ranked.results:
-        check_maxsim(result.relevance_score, expected[result.index])
-        assert result.document == proto_input(documents[result.index])
+    check_grpc_pool_and_rerank(server, _reference(name, layout_dirs), documents_echoed=True)

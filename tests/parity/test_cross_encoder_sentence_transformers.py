@@ -13,10 +13,7 @@ per pair, never cached) and applies the activation (engine/pairs.py, engine/engi
 
 from __future__ import annotations
 
-import json
 import shutil
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +39,7 @@ from lateserve.server.families.cross_encoder import CrossEncoder
 from lateserve.server.families.registry import family_for, load_source
 from tests.fixtures.checkpoints import CORPUS, edit_weights
 from tests.fixtures.cross_encoder import write_bert_cross_encoder, write_xlmr_cross_encoder
+from tests.fixtures.toy_vision import http_json
 from tests.live import LiveServer
 from tests.oracles.runner import run_oracle
 
@@ -219,13 +217,7 @@ def test_a_missing_pooler_fails_for_bert(model_dirs: dict[str, Path], tmp_path: 
 
 
 def post(server: LiveServer, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(server.http_url + path, data=json.dumps(body).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return http_json(server.http_url, path, body)
 
 
 @pytest.fixture(scope="module")

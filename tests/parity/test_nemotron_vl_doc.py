@@ -29,7 +29,8 @@ import pytest
 from lateserve.server.cli import build_parser, config_from_args
 from tests.fixtures.nemotron_vl import write_nemotron_embed_vl, write_nemotron_rerank_vl
 from tests.live import LiveServer
-from tests.reference_nemotron_vl import NemotronVLReference, cosine, image_bytes
+from tests.parity.common import image_bytes
+from tests.reference_nemotron_vl import NemotronVLReference, cosine
 
 REPO = Path(__file__).resolve().parents[2]
 

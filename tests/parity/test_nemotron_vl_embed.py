@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lateserve.server.config import ServerConfig
-from lateserve.server.domain import EncodeOptions, ImagePart, Item, MultiModalItem, Task, TextItem, TextPart, WorkItem
+from lateserve.server.domain import EncodeOptions, Task, TextItem, WorkItem
 from lateserve.server.families.registry import family_for, load_source
 from lateserve.v1 import common_pb2 as c
 from lateserve.v1 import (
@@ -38,11 +37,11 @@ from lateserve.wire.tensors import from_tensor
 from tests.fixtures.nemotron_vl import write_nemotron_embed_vl
 from tests.fixtures.toy_vision import http_json
 from tests.live import LiveServer
-from tests.reference_nemotron_vl import NemotronVLReference, Part, cosine, image_bytes
+from tests.parity.common import MIN_COSINE, as_item, image_bytes, json_parts, live_server, proto_input, proto_parts
+from tests.reference_nemotron_vl import NemotronVLReference, Part, cosine
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "examples/pooling/embed/template/nemotron_embed_vl.jinja"
-MIN_COSINE = 0.9999
 EMBED = frozenset({Task.EMBED})
 IMAGES = {
     "odd": image_bytes((97, 61), 1),
@@ -59,39 +58,6 @@ INPUTS: list[list[Part]] = [
     [IMAGES["gray"], "first", "second line"],
     [IMAGES["jpeg"], IMAGES["tiny"], "Two images."],
 ]
-
-
-def data_url(data: bytes) -> str:
-    mime = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def as_item(parts: list[Part]) -> Item:
-    if len(parts) == 1 and isinstance(parts[0], str):
-        return TextItem(parts[0])
-    return MultiModalItem(tuple(ImagePart(data_url(p)) if isinstance(p, bytes) else TextPart(p) for p in parts))
-
-
-def json_parts(parts: list[Part]) -> list[dict[str, Any]]:
-    return [
-        {"type": "image_url", "image_url": {"url": data_url(p)}}
-        if isinstance(p, bytes)
-        else {"type": "text", "text": p}
-        for p in parts
-    ]
-
-
-def proto_parts(parts: list[Part]) -> list[c.ContentPart]:
-    return [
-        c.ContentPart(image_url=c.ImageUrl(url=data_url(p))) if isinstance(p, bytes) else c.ContentPart(text=p)
-        for p in parts
-    ]
-
-
-def proto_input(parts: list[Part]) -> c.Input:
-    if len(parts) == 1 and isinstance(parts[0], str):
-        return c.Input(text=parts[0])
-    return c.Input(content=c.MultiModalContent(parts=proto_parts(parts)))
 
 
 def check(ours: Any, expected: np.ndarray) -> float:
@@ -158,16 +124,9 @@ def test_bfloat16_stays_close(model_dir: Path, reference: NemotronVLReference) -
 
 @pytest.fixture(scope="module")
 def live(model_dir: Path) -> Iterator[LiveServer]:
-    config = ServerConfig(
-        model=str(model_dir),
-        served_model_name="nvidia/llama-nemotron-embed-vl-1b-v2",
-        trust_remote_code=True,
-        chat_template=str(TEMPLATE),
-        workers=1,
-        threads_per_worker=1,
-        max_model_len=4096,
-    )
-    with LiveServer(config) as server:
+    with live_server(
+        model_dir, "nvidia/llama-nemotron-embed-vl-1b-v2", trust_remote_code=True, chat_template=str(TEMPLATE)
+    ) as server:
         yield server
 
 

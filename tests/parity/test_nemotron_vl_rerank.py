@@ -12,7 +12,6 @@ Tolerance: relative error <= 1e-4 on the scores (float32); measured about 1e-7.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,16 +20,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lateserve.server.config import ServerConfig
 from lateserve.server.domain import (
     EncodeOptions,
-    ImagePart,
     InvalidArgument,
-    Item,
-    MultiModalItem,
     Task,
     TextItem,
-    TextPart,
     WorkItem,
 )
 from lateserve.server.families.registry import family_for, load_source
@@ -46,12 +40,12 @@ from lateserve.v1 import (
 from tests.fixtures.nemotron_vl import write_nemotron_rerank_vl
 from tests.fixtures.toy_vision import http_json
 from tests.live import LiveServer
-from tests.reference_nemotron_vl import NemotronVLReference, Part, image_bytes
+from tests.parity.common import as_item, check_rel, image_bytes, json_parts, live_server, proto_input
+from tests.reference_nemotron_vl import NemotronVLReference, Part
 
 REPO = Path(__file__).resolve().parents[2]
 VL_TEMPLATE = REPO / "examples/pooling/score/template/nemotron-vl-rerank.jinja"
 TEXT_TEMPLATE = REPO / "examples/pooling/score/template/nemotron-rerank.jinja"
-MAX_REL = 1e-4
 CLASSIFY = frozenset({Task.CLASSIFY})
 QUERY = "Find diagrams about autonomous robots"
 IMAGES = {
@@ -69,47 +63,10 @@ DOCUMENTS: list[list[Part]] = [
 ]
 
 
-def data_url(data: bytes) -> str:
-    mime = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def as_item(parts: list[Part]) -> Item:
-    if len(parts) == 1 and isinstance(parts[0], str):
-        return TextItem(parts[0])
-    return MultiModalItem(tuple(ImagePart(data_url(p)) if isinstance(p, bytes) else TextPart(p) for p in parts))
-
-
 def json_doc(parts: list[Part]) -> Any:
     if len(parts) == 1 and isinstance(parts[0], str):
         return parts[0]
-    return {
-        "content": [
-            {"type": "image_url", "image_url": {"url": data_url(p)}}
-            if isinstance(p, bytes)
-            else {"type": "text", "text": p}
-            for p in parts
-        ]
-    }
-
-
-def proto_input(parts: list[Part]) -> c.Input:
-    if len(parts) == 1 and isinstance(parts[0], str):
-        return c.Input(text=parts[0])
-    return c.Input(
-        content=c.MultiModalContent(
-            parts=[
-                c.ContentPart(image_url=c.ImageUrl(url=data_url(p))) if isinstance(p, bytes) else c.ContentPart(text=p)
-                for p in parts
-            ]
-        )
-    )
-
-
-def close(ours: float, expected: float) -> float:
-    rel = abs(ours - expected) / abs(expected)
-    assert rel <= MAX_REL, (ours, expected)
-    return rel
+    return {"content": json_parts(parts)}
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +103,7 @@ def test_pairs_and_logits_match_the_reference(
     for seq, doc in zip(seqs, DOCUMENTS, strict=True):
         assert list(seq.ids) == reference.rerank_ids(QUERY, doc)[0]
     outputs = runner.forward([WorkItem(s, CLASSIFY) for s in seqs])
-    worst = max(close(float(o[Task.CLASSIFY][0]), e) for o, e in zip(outputs, expected, strict=True))
+    worst = max(check_rel(float(o[Task.CLASSIFY][0]), e) for o, e in zip(outputs, expected, strict=True))
     print(f"rerank: worst logit rel {worst:.2e}")
 
 
@@ -172,16 +129,9 @@ def test_more_images_than_the_template_places_are_refused(model_dir: Path) -> No
 
 @pytest.fixture(scope="module")
 def live(model_dir: Path) -> Iterator[LiveServer]:
-    config = ServerConfig(
-        model=str(model_dir),
-        served_model_name="nvidia/llama-nemotron-rerank-vl-1b-v2",
-        trust_remote_code=True,
-        chat_template=str(VL_TEMPLATE),
-        workers=1,
-        threads_per_worker=1,
-        max_model_len=4096,
-    )
-    with LiveServer(config) as server:
+    with live_server(
+        model_dir, "nvidia/llama-nemotron-rerank-vl-1b-v2", trust_remote_code=True, chat_template=str(VL_TEMPLATE)
+    ) as server:
         yield server
 
 
@@ -190,7 +140,7 @@ def test_http_score_and_rerank(live: LiveServer, reference: NemotronVLReference,
     assert status == 200, body
     assert [d["index"] for d in body["data"]] == list(range(len(DOCUMENTS)))
     for item in body["data"]:
-        close(item["score"], sigmoid(expected[item["index"]]))
+        check_rel(item["score"], sigmoid(expected[item["index"]]))
     assert body["usage"]["prompt_tokens"] == sum(len(reference.rerank_ids(QUERY, d)[0]) for d in DOCUMENTS)
 
     request = {"query": QUERY, "documents": [json_doc(d) for d in DOCUMENTS], "top_n": 3, "use_activation": False}
@@ -199,7 +149,7 @@ def test_http_score_and_rerank(live: LiveServer, reference: NemotronVLReference,
     order = sorted(range(len(DOCUMENTS)), key=lambda i: -expected[i])[:3]
     assert [r["index"] for r in body["results"]] == order
     for result in body["results"]:
-        close(result["relevance_score"], expected[result["index"]])
+        check_rel(result["relevance_score"], expected[result["index"]])
         document = request["documents"][result["index"]]
         if isinstance(document, str):
             assert result["document"] == {"text": document, "multi_modal": None}
@@ -219,7 +169,7 @@ def test_grpc_score_rerank_info_and_health(live: LiveServer, expected: list[floa
             timeout=120,
         )
         for result in scored.results:
-            close(result.score, sigmoid(expected[result.index]))
+            check_rel(result.score, sigmoid(expected[result.index]))
         ranked = rerank_service_pb2_grpc.RerankServiceStub(channel).Rerank(
             rerank_service_pb2.RerankRequest(
                 query=c.Input(text=QUERY), documents=[proto_input(d) for d in DOCUMENTS], use_activation=False
@@ -228,7 +178,7 @@ def test_grpc_score_rerank_info_and_health(live: LiveServer, expected: list[floa
         )
         assert [r.index for r in ranked.results] == sorted(range(len(DOCUMENTS)), key=lambda i: -expected[i])
         for result in ranked.results:
-            close(result.relevance_score, expected[result.index])
+            check_rel(result.relevance_score, expected[result.index])
         info = info_service_pb2_grpc.InfoServiceStub(channel).GetInfo(info_service_pb2.GetInfoRequest(), timeout=30)
         assert info.models[0].kind == c.MODEL_KIND_CROSS_ENCODER
         assert info.models[0].architecture == "LlamaNemotronVLForSequenceClassification"

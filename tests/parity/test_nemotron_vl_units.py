@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,8 @@ from tests.fixtures.nemotron_vl import (
     write_nemotron_embed_vl,
     write_nemotron_rerank_vl,
 )
-from tests.reference_nemotron_vl import decode_image, image_bytes, nvidia_dynamic_preprocess, nvidia_target_ratios
+from tests.parity.common import data_url, image_bytes
+from tests.reference_nemotron_vl import decode_image, nvidia_dynamic_preprocess, nvidia_target_ratios
 
 REPO = Path(__file__).resolve().parents[2]
 EMBED_TEMPLATE = REPO / "examples/pooling/embed/template/nemotron_embed_vl.jinja"
@@ -96,10 +96,6 @@ RERANK_TEMPLATE_TEXT = (
     'question:{{ (messages | selectattr("role", "eq", "query") | first).content }} \n \n '
     'passage:{{ (messages | selectattr("role", "eq", "document") | first).content }}\n'
 )
-
-
-def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 # --- tiling -------------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from tests.fixtures.st_embed import (
     write_st_bert_embed,
     write_st_xlmr_embed,
 )
+from tests.fixtures.toy_vision import http_json
 from tests.live import LiveServer
 from tests.oracles.runner import run_oracle
 
@@ -229,13 +228,7 @@ def test_mismatched_weights_fail_naming_them(model_dirs: dict[str, Path], tmp_pa
 
 
 def post(server: LiveServer, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(server.http_url + path, data=json.dumps(body).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return http_json(server.http_url, path, body)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from tests.fixtures.colqwen3 import token_id, write_colqwen3_tomoro
 from tests.fixtures.toy_vision import http_json
 from tests.live import LiveServer
 from tests.oracles.runner import run_oracle
-from tests.parity.test_colqwen3_transformers import IMAGES, QUERIES, json_parts, proto_input
+from tests.parity.common import IMAGES, QUERIES, json_parts, proto_input
 from tests.reference_qwen3vl import Part, Qwen3VLReference
 
 FACTORS = (1, 2, 3)
