@@ -42,15 +42,21 @@ def _apply_environment(spec: WorkerSpec) -> None:
 
 # glibc's mallopt parameter for the mmap threshold; setting it also turns off the dynamic threshold.
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = 64 << 20
 
 
 def _bound_heap() -> None:
-    """Allocations of 1 MiB and more (activations, batch tensors) get their own mmap, returned to the OS
-    when freed. glibc's default threshold starts at 128 KiB but rises after each large free up to 32 MiB, so
-    under batches of varied shapes the activations end up in the heap and fragment it: measured on the
-    bundled model (docs/hardening.md), worker RSS went 445 -> 900 MB under 768 varied /rerank requests, and
-    ~610 MB with this plus `HeapTrimmer`. An explicit MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    """Fix glibc's mmap threshold at 64 MiB: allocations under it (every activation of a text batch or of a
+    page image) come from the heap and are reused batch after batch; bigger ones get their own mmap.
+
+    Why fixed: glibc's default starts at 128 KiB and rises after each large free (up to 32 MiB), so where
+    activations land depends on history, and under batches of varied shapes the heap fragments. Why not
+    small: at 1 MiB (this project's earlier setting) every large activation was a fresh mmap, page-faulted and
+    zeroed on each use: a Qwen3-VL page forward took 147k minor faults and 28-40 % longer (0.65 vs 0.51 s
+    float32, 0.42 vs 0.30 s bf16, two threads), and a 90 s /rerank soak of the bundled model served 1439
+    requests against 2052 at 64 MiB. The heap this keeps is given back by `HeapTrimmer`; worker RSS under that
+    soak peaked at 1.1 GB (0.8 GB at 1 MiB) and was 0.79 GB after it (0.72 GB) (docs/hardening.md).
+    An explicit MALLOC_MMAP_THRESHOLD_ in the environment wins."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
@@ -58,14 +64,17 @@ def _bound_heap() -> None:
 
 
 class HeapTrimmer:
-    """Returns freed heap to the OS after batches (glibc malloc_trim), at most every `interval_s`.
+    """Returns freed heap to the OS (glibc malloc_trim) after batches, at most every `interval_s`, and once
+    more when the worker pauses for `interval_s` (so a burst's last batches are given back too).
 
-    Batches of varied shapes leave freed activations in glibc's heap, which the process keeps; trimming
-    after a batch once a second costs well under a millisecond per batch on average."""
+    Batches of varied shapes leave freed activations in glibc's heap, which the process keeps; a trim costs
+    the next batch the page faults of the memory it returned, so it is rate-limited rather than per batch.
+    `LATESERVE_WORKER_MALLOC_TRIM=0` turns it off (for measurements)."""
 
     def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
         self._last = 0.0
+        self._dirty = False
         self._trim: Callable[[int], int] | None = None
         if os.environ.get("LATESERVE_WORKER_MALLOC_TRIM", "1") != "0":
             try:
@@ -73,10 +82,20 @@ class HeapTrimmer:
             except (OSError, AttributeError):
                 self._trim = None
 
+    @property
+    def pending(self) -> bool:
+        """A batch ran since the last trim: trim when the worker pauses."""
+        return self._dirty and self._trim is not None
+
     def after_batch(self) -> None:
-        now = time.monotonic()
-        if self._trim is not None and now - self._last >= self.interval_s:
-            self._last = now
+        self._dirty = True
+        if time.monotonic() - self._last >= self.interval_s:
+            self.trim()
+
+    def trim(self) -> None:
+        if self._trim is not None:
+            self._last = time.monotonic()
+            self._dirty = False
             self._trim(0)
 
 
@@ -109,6 +128,8 @@ def child_main(conn: Connection, spec: WorkerSpec) -> None:
     with torch.inference_mode():
         while True:
             try:
+                if trimmer.pending and not conn.poll(trimmer.interval_s):
+                    trimmer.trim()  # a pause: give the batches' freed heap back
                 msg = conn.recv()
             except (EOFError, OSError):
                 return  # the parent is gone: die with it
