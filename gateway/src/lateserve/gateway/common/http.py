@@ -6,13 +6,15 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import pydantic
 from aiohttp import web
 
 from lateserve.gateway import errors
+from lateserve.gateway.common.protocol import EncodingFields
+from lateserve.gateway.common.translate import bytes_body, timing_headers
 from lateserve.gateway.config import GatewayConfig
 from lateserve.gateway.jsonutil import dumps
 from lateserve.gateway.keys import CONFIG, METRICS, PARSED_BODY, REQUEST_ID, REQUEST_ID_FROM_HEADER, SPAN, TRACER
@@ -223,6 +225,26 @@ def json_response(data: Any, *, headers: Mapping[str, str] | None = None, status
     return web.Response(text=dumps(data), status=status, content_type="application/json", headers=headers)
 
 
-def bytes_response(data: bytes, *, headers: Mapping[str, str] | None = None) -> web.Response:
-    """An application/octet-stream response (encoding_format bytes / bytes_only)."""
-    return web.Response(body=data, status=200, content_type="application/octet-stream", headers=headers)
+class TensorResponse(Protocol):
+    """What /pooling's and /v1/embeddings' gRPC answers share for a bytes body."""
+
+    id: str
+    model: str
+    usage: common_pb2.Usage
+    timings: common_pb2.Timings
+
+
+def bytes_response(
+    tensors_by_index: Sequence[tuple[int, common_pb2.Tensor]], body: EncodingFields, response: TensorResponse
+) -> web.Response:
+    """The application/octet-stream answer of encoding_format bytes / bytes_only (vLLM's layout,
+    `translate.bytes_body`), with the per-request timing headers."""
+    raw, headers = bytes_body(
+        tensors_by_index, body, response_id=response.id, created=created(), model=response.model, usage=response.usage
+    )
+    return web.Response(
+        body=raw,
+        status=200,
+        content_type="application/octet-stream",
+        headers={**headers, **timing_headers(response.timings)},
+    )

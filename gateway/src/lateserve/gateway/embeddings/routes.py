@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from lateserve.gateway.common import http
-from lateserve.gateway.common.translate import BYTES_FORMATS, bytes_body, timing_headers
+from lateserve.gateway.common.translate import BYTES_FORMATS, timing_headers
 from lateserve.gateway.embeddings.protocol import EmbeddingRequest
 from lateserve.gateway.embeddings.translate import embed_request_to_proto, embed_response_to_json
 from lateserve.gateway.keys import STUBS
@@ -21,14 +21,6 @@ async def embeddings(request: web.Request) -> web.Response:
     response = await request.app[STUBS].embed.Embed(message, metadata=http.grpc_metadata(request))
     http.count_tokens(request, response.usage)
     if body.encoding_format in BYTES_FORMATS:
-        raw, headers = bytes_body(
-            [(embedding.index, embedding.data) for embedding in response.embeddings],
-            body,
-            response_id=response.id,
-            created=http.created(),
-            model=response.model,
-            usage=response.usage,
-        )
-        return http.bytes_response(raw, headers={**headers, **timing_headers(response.timings)})
+        return http.bytes_response([(e.index, e.data) for e in response.embeddings], body, response)
     data = embed_response_to_json(response, body, http.created())
     return http.json_response(data, headers=timing_headers(response.timings))

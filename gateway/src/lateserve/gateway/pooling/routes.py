@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from lateserve.gateway.common import http
-from lateserve.gateway.common.translate import BYTES_FORMATS, bytes_body, timing_headers
+from lateserve.gateway.common.translate import BYTES_FORMATS, timing_headers
 from lateserve.gateway.keys import STUBS
 from lateserve.gateway.pooling.protocol import PoolingRequest
 from lateserve.gateway.pooling.translate import pool_request_to_proto, pool_response_to_json
@@ -21,14 +21,6 @@ async def pooling(request: web.Request) -> web.Response:
     response = await request.app[STUBS].pool.Pool(message, metadata=http.grpc_metadata(request))
     http.count_tokens(request, response.usage)
     if body.encoding_format in BYTES_FORMATS:
-        raw, headers = bytes_body(
-            [(output.index, output.data) for output in response.outputs],
-            body,
-            response_id=response.id,
-            created=http.created(),
-            model=response.model,
-            usage=response.usage,
-        )
-        return http.bytes_response(raw, headers={**headers, **timing_headers(response.timings)})
+        return http.bytes_response([(output.index, output.data) for output in response.outputs], body, response)
     data = pool_response_to_json(response, body, http.created())
     return http.json_response(data, headers=timing_headers(response.timings))
