@@ -26,8 +26,8 @@ from lateserve.v1 import (
 from lateserve.v1.tokenize_service_pb2 import DetokenizeRequest, TokenizeRequest
 from lateserve.v1.tokenize_service_pb2_grpc import TokenizeServiceStub
 from lateserve.wire.status import unpack_details
-from tests.integration.test_http_routes import DOCS, MODEL, QUERY, call, envelope
-from tests.live import LiveServer
+from tests.integration.test_http_routes import DOCS, MODEL, QUERY, envelope
+from tests.live import LiveServer, call
 
 DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 

@@ -8,8 +8,8 @@ from openapi_spec_validator import validate
 from pydantic import BaseModel
 
 from lateserve.gateway import responses
-from tests.integration.test_http_routes import DOCS, MODEL, QUERY, call
-from tests.live import LiveServer
+from tests.integration.test_http_routes import DOCS, MODEL, QUERY
+from tests.live import LiveServer, call
 
 CASES: list[tuple[str, dict[str, object] | None, type[BaseModel]]] = [
     ("/rerank", {"query": QUERY, "documents": DOCS}, responses.RerankResponse),

@@ -15,8 +15,7 @@ import pytest
 from lateserve.server.cli import build_parser, config_from_args
 from lateserve.server.config import ServerConfig
 from tests.fixtures.toy_vision import http_json
-from tests.integration.test_observability import delta, scrape
-from tests.live import LiveServer
+from tests.live import LiveServer, delta, scrape
 
 LENT = "lateserve_lent_core_batches_total"
 TEXT = " ".join(["late interaction models score every query token against every document token"] * 12)

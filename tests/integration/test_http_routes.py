@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lateserve.v1 import common_pb2, score_service_pb2, score_service_pb2_grpc
-from tests.live import LiveServer
+from tests.live import LiveServer, call
 from tests.reference import BertColbertReference
 
 MODEL = "answerdotai/answerai-colbert-small-v1"
@@ -33,30 +33,6 @@ USAGE_KEYS = [
     "prompt_tokens_details",
     "completion_tokens_details",
 ]
-
-
-class Reply:
-    def __init__(self, status: int, headers: Any, raw: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.raw = raw
-
-    def json(self) -> Any:
-        return json.loads(self.raw)
-
-
-def call(server: LiveServer, path: str, body: Any = None, *, method: str | None = None, **headers: str) -> Reply:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.http_url + path, data=data, method=method or ("POST" if data else "GET"))
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    for key, value in headers.items():
-        request.add_header(key.replace("_", "-"), value)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return Reply(response.status, response.headers, response.read())
-    except urllib.error.HTTPError as error:
-        return Reply(error.code, error.headers, error.read())
 
 
 def envelope(status: int, type_: str, message: str, param: str | None = None) -> dict[str, Any]:

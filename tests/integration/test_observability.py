@@ -5,12 +5,9 @@ traces sent by the real OTLP/HTTP exporter (--otlp-traces-endpoint) to a collect
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,12 +15,11 @@ from typing import Any
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from lateserve.server import tracing
 from lateserve.server.config import ServerConfig
 from lateserve.v1 import common_pb2, pool_service_pb2, pool_service_pb2_grpc
-from tests.live import LiveServer
+from tests.live import LiveServer, call, delta, scrape
 
 pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
 pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
@@ -100,51 +96,15 @@ def server(colbert_dir: Path, collector: Collector) -> Iterator[LiveServer]:
         mp.undo()
 
 
-class Reply:
-    def __init__(self, status: int, headers: Any, raw: bytes) -> None:
-        self.status, self.headers, self.raw = status, headers, raw
-
-    def json(self) -> Any:
-        return json.loads(self.raw)
-
-
-def post(server: LiveServer, path: str, body: Any, **headers: str) -> Reply:
-    request = urllib.request.Request(server.http_url + path, data=json.dumps(body).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    for key, value in headers.items():
-        request.add_header(key.replace("_", "-"), value)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return Reply(response.status, response.headers, response.read())
-    except urllib.error.HTTPError as error:
-        return Reply(error.code, error.headers, error.read())
-
-
-def scrape(server: LiveServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics, keyed by (name, sorted labels)."""
-    with urllib.request.urlopen(server.http_url + "/metrics", timeout=30) as response:
-        text = response.read().decode()
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def delta(before: dict[Any, float], after: dict[Any, float], name: str, **labels: str) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
-
-
 def test_per_stage_metrics(server: LiveServer) -> None:
     before = scrape(server)
     pooled_floats = 0
     for text in ("one short input", "a second input", "the third"):
-        reply = post(server, "/pooling", {"model": MODEL, "input": text})
+        reply = call(server, "/pooling", {"model": MODEL, "input": text})
         assert reply.status == 200
         pooled_floats += sum(len(row) for row in reply.json()["data"][0]["data"])
     # Two inputs of different lengths: one batch, padded to the longer.
-    two = post(server, "/pooling", {"model": MODEL, "input": ["short", "a much longer input with many more words"]})
+    two = call(server, "/pooling", {"model": MODEL, "input": ["short", "a much longer input with many more words"]})
     assert two.status == 200
     pooled_floats += sum(len(row) for item in two.json()["data"] for row in item["data"])
     after = scrape(server)
@@ -174,7 +134,7 @@ def test_per_stage_metrics(server: LiveServer) -> None:
 def test_document_cache_hit_ratio(server: LiveServer) -> None:
     before = scrape(server)
     for _ in range(2):
-        assert post(server, "/rerank", {"model": MODEL, "query": "learning", "documents": DOCS}).status == 200
+        assert call(server, "/rerank", {"model": MODEL, "query": "learning", "documents": DOCS}).status == 200
     after = scrape(server)
     assert delta(before, after, "lateserve_doc_cache_misses_total") == len(DOCS)
     assert delta(before, after, "lateserve_doc_cache_hits_total") == len(DOCS)
@@ -187,22 +147,22 @@ def test_document_cache_hit_ratio(server: LiveServer) -> None:
 
 
 def test_http_request_id_and_timing_headers(server: LiveServer) -> None:
-    given = post(server, "/pooling", {"model": MODEL, "input": "hi"}, x_request_id="req-abc")
+    given = call(server, "/pooling", {"model": MODEL, "input": "hi"}, x_request_id="req-abc")
     assert given.headers["x-request-id"] == "req-abc"
     assert given.json()["id"] == "pooling-req-abc"
     # The header wins over the body's request_id (vLLM); without the header the body's is used.
-    both = post(server, "/pooling", {"model": MODEL, "input": "hi", "request_id": "body-id"}, x_request_id="hdr-id")
+    both = call(server, "/pooling", {"model": MODEL, "input": "hi", "request_id": "body-id"}, x_request_id="hdr-id")
     assert (both.headers["x-request-id"], both.json()["id"]) == ("hdr-id", "pooling-hdr-id")
-    body = post(server, "/pooling", {"model": MODEL, "input": "hi", "request_id": "body-id"})
+    body = call(server, "/pooling", {"model": MODEL, "input": "hi", "request_id": "body-id"})
     assert (body.headers["x-request-id"], body.json()["id"]) == ("body-id", "pooling-body-id")
-    generated = post(server, "/pooling", {"model": MODEL, "input": "hi"})
+    generated = call(server, "/pooling", {"model": MODEL, "input": "hi"})
     rid = generated.headers["x-request-id"]
     assert len(rid) == 32 and generated.json()["id"] == f"pooling-{rid}"
     # A body id that is not a header value is echoed percent-encoded (never a broken or injected header).
-    odd = post(server, "/pooling", {"model": MODEL, "input": "hi", "request_id": "r\u00e9q\r\nX-Evil: 1"})
+    odd = call(server, "/pooling", {"model": MODEL, "input": "hi", "request_id": "r\u00e9q\r\nX-Evil: 1"})
     assert odd.status == 200 and odd.json()["id"] == "pooling-r\u00e9q\r\nX-Evil: 1"
     assert odd.headers["x-request-id"] == "r%C3%A9q%0D%0AX-Evil%3A%201" and "X-Evil" not in odd.headers
-    too_long = post(server, "/pooling", {"model": MODEL, "input": "hi"}, x_request_id="x" * 33)
+    too_long = call(server, "/pooling", {"model": MODEL, "input": "hi"}, x_request_id="x" * 33)
     assert too_long.status == 400 and too_long.headers["x-request-id"] != "x" * 33
     for reply in (given, generated):
         values = {key: float(reply.headers[key]) for key in TIMING_KEYS}
@@ -263,7 +223,7 @@ def test_grpc_request_id_and_trailing_timings(server: LiveServer) -> None:
 
 def test_traces_exported_over_otlp(server: LiveServer, collector: Collector) -> None:
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-    reply = post(
+    reply = call(
         server,
         "/pooling",
         {"model": MODEL, "input": ["traced input", "another traced input"]},
