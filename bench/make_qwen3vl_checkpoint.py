@@ -29,15 +29,12 @@ the same arguments write the same files.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 TEXT = {"hidden": 2048, "layers": 2, "heads": 16, "kv_heads": 8, "head_dim": 128, "intermediate": 6144}
 VISION = {"hidden": 1024, "depth": 2, "heads": 16, "intermediate": 4096, "deepstack": [0, 1], "grid": 48}
@@ -46,83 +43,51 @@ MROPE_SECTION = [24, 20, 20]
 EMBED_DIM = 320
 MIN_PIXELS = 65536
 MAX_PIXELS = 320 * (PATCH * MERGE) ** 2
-MAX_POSITIONS = 262144
 SEED = 20261201
 
 
-def shapes(vocab_size: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Qwen3VLModel's tensors under transformers' names (`visual.*`, `language_model.*`)."""
-    v, t, hd = VISION["hidden"], TEXT["hidden"], TEXT["head_dim"]
-    out: list[tuple[str, tuple[int, ...]]] = [
-        ("visual.patch_embed.proj.weight", (v, 3, TEMPORAL, PATCH, PATCH)),
-        ("visual.patch_embed.proj.bias", (v,)),
-        ("visual.pos_embed.weight", (VISION["grid"] ** 2, v)),
-    ]
-    for i in range(VISION["depth"]):
-        b = f"visual.blocks.{i}"
-        out += [
-            (f"{b}.norm1.weight", (v,)),
-            (f"{b}.norm1.bias", (v,)),
-            (f"{b}.norm2.weight", (v,)),
-            (f"{b}.norm2.bias", (v,)),
-            (f"{b}.attn.qkv.weight", (3 * v, v)),
-            (f"{b}.attn.qkv.bias", (3 * v,)),
-            (f"{b}.attn.proj.weight", (v, v)),
-            (f"{b}.attn.proj.bias", (v,)),
-            (f"{b}.mlp.linear_fc1.weight", (VISION["intermediate"], v)),
-            (f"{b}.mlp.linear_fc1.bias", (VISION["intermediate"],)),
-            (f"{b}.mlp.linear_fc2.weight", (v, VISION["intermediate"])),
-            (f"{b}.mlp.linear_fc2.bias", (v,)),
-        ]
-    merged = v * MERGE * MERGE
-    mergers = [("visual.merger", v)]
-    mergers += [(f"visual.deepstack_merger_list.{k}", merged) for k in range(len(VISION["deepstack"]))]
-    for prefix, norm in mergers:
-        out += [
-            (f"{prefix}.norm.weight", (norm,)),
-            (f"{prefix}.norm.bias", (norm,)),
-            (f"{prefix}.linear_fc1.weight", (merged, merged)),
-            (f"{prefix}.linear_fc1.bias", (merged,)),
-            (f"{prefix}.linear_fc2.weight", (t, merged)),
-            (f"{prefix}.linear_fc2.bias", (t,)),
-        ]
-    out.append(("language_model.embed_tokens.weight", (vocab_size, t)))
-    for i in range(TEXT["layers"]):
-        layer = f"language_model.layers.{i}"
-        out += [
-            (f"{layer}.input_layernorm.weight", (t,)),
-            (f"{layer}.self_attn.q_proj.weight", (TEXT["heads"] * hd, t)),
-            (f"{layer}.self_attn.k_proj.weight", (TEXT["kv_heads"] * hd, t)),
-            (f"{layer}.self_attn.v_proj.weight", (TEXT["kv_heads"] * hd, t)),
-            (f"{layer}.self_attn.o_proj.weight", (t, TEXT["heads"] * hd)),
-            (f"{layer}.self_attn.q_norm.weight", (hd,)),
-            (f"{layer}.self_attn.k_norm.weight", (hd,)),
-            (f"{layer}.post_attention_layernorm.weight", (t,)),
-            (f"{layer}.mlp.gate_proj.weight", (TEXT["intermediate"], t)),
-            (f"{layer}.mlp.up_proj.weight", (TEXT["intermediate"], t)),
-            (f"{layer}.mlp.down_proj.weight", (t, TEXT["intermediate"])),
-        ]
-    out.append(("language_model.norm.weight", (t,)))
-    return out
+def fixture(max_pixels: int = MAX_PIXELS) -> Any:
+    """tests.fixtures.colqwen3 with the sizes above (its functions read the module constants at call time),
+    so the benchmark model is the test fixtures' Tomoro layout at Qwen3-VL-2B widths."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.fixtures import colqwen3
+
+    sizes = {
+        "TEXT_HIDDEN": TEXT["hidden"],
+        "TEXT_LAYERS": TEXT["layers"],
+        "TEXT_HEADS": TEXT["heads"],
+        "TEXT_KV_HEADS": TEXT["kv_heads"],
+        "HEAD_DIM": TEXT["head_dim"],
+        "TEXT_INTERMEDIATE": TEXT["intermediate"],
+        "VISION_HIDDEN": VISION["hidden"],
+        "VISION_DEPTH": VISION["depth"],
+        "VISION_HEADS": VISION["heads"],
+        "VISION_INTERMEDIATE": VISION["intermediate"],
+        "DEEPSTACK": VISION["deepstack"],
+        "POSITION_GRID": VISION["grid"],
+        "PATCH": PATCH,
+        "MERGE": MERGE,
+        "TEMPORAL": TEMPORAL,
+        "MROPE_SECTION": MROPE_SECTION,
+        "EMBED_DIM": EMBED_DIM,
+        "MIN_PIXELS": MIN_PIXELS,
+        "MAX_PIXELS": max_pixels,
+    }
+    for name, value in sizes.items():
+        setattr(colqwen3, name, value)
+    return colqwen3
 
 
-def weights(vocab_size: int, seed: int) -> dict[str, Any]:
+def weights(fx: Any, vocab_size: int, seed: int) -> dict[str, Any]:
+    """The fixture's backbone (its spread rule) under Tomoro's `vlm.model.` prefix, then from the same
+    generator the lm_head and a projection whose bias is zeros (vLLM's ColQwen3 drops the bias)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    norms = ("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight")
-    state: dict[str, Any] = {}
-    for name, shape in shapes(vocab_size):
-        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
-        if name.endswith(norms):
-            tensor = 1.0 + 0.1 * noise
-        elif name.endswith("bias"):
-            tensor = 0.05 * noise
-        elif name.endswith(("embed_tokens.weight", "pos_embed.weight")):
-            tensor = 0.2 * noise
-        else:
-            tensor = min(0.2, 1.6 / math.sqrt(math.prod(shape[1:]))) * noise
-        state[f"vlm.model.{name}"] = tensor
+    state: dict[str, Any] = {
+        f"vlm.model.{k}": v for k, v in fx.qwen3vl_weights(vocab_size, seed, generator=gen).items()
+    }
     t = TEXT["hidden"]
     state["vlm.lm_head.weight"] = 0.02 * torch.randn((vocab_size, t), generator=gen, dtype=torch.float32)
     state["embedding_proj_layer.weight"] = (1 / math.sqrt(t)) * torch.randn((EMBED_DIM, t), generator=gen)
@@ -130,112 +95,13 @@ def weights(vocab_size: int, seed: int) -> dict[str, Any]:
     return state
 
 
-def config(ids: dict[str, int], vocab_size: int) -> dict[str, Any]:
+def config(fx: Any, ids: dict[str, int]) -> dict[str, Any]:
+    """The fixture's Qwen3-VL config (ColQwen3), Tomoro's head fields, no auto_map (vLLM loads it natively)."""
     return {
-        "architectures": ["ColQwen3"],
-        "model_type": "colqwen3",
+        **fx._config(["ColQwen3"], "colqwen3", ids),
         "embed_dim": EMBED_DIM,
         "padding_side": "left",
         "initializer_range": 0.02,
-        "dtype": "bfloat16",
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-        "tie_word_embeddings": False,
-        "transformers_version": "4.57.1",
-        "text_config": {
-            "model_type": "qwen3_vl_text",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "dtype": "bfloat16",
-            "head_dim": TEXT["head_dim"],
-            "hidden_act": "silu",
-            "hidden_size": TEXT["hidden"],
-            "initializer_range": 0.02,
-            "intermediate_size": TEXT["intermediate"],
-            "max_position_embeddings": MAX_POSITIONS,
-            "num_attention_heads": TEXT["heads"],
-            "num_hidden_layers": TEXT["layers"],
-            "num_key_value_heads": TEXT["kv_heads"],
-            "rms_norm_eps": 1e-6,
-            "rope_scaling": {"mrope_interleaved": True, "mrope_section": MROPE_SECTION, "rope_type": "default"},
-            "rope_theta": 5000000,
-            "tie_word_embeddings": False,
-            "use_cache": True,
-            "vocab_size": vocab_size,
-        },
-        "vision_config": {
-            "model_type": "qwen3_vl",
-            "deepstack_visual_indexes": VISION["deepstack"],
-            "depth": VISION["depth"],
-            "hidden_act": "gelu_pytorch_tanh",
-            "hidden_size": VISION["hidden"],
-            "in_channels": 3,
-            "initializer_range": 0.02,
-            "intermediate_size": VISION["intermediate"],
-            "num_heads": VISION["heads"],
-            "num_position_embeddings": VISION["grid"] ** 2,
-            "out_hidden_size": TEXT["hidden"],
-            "patch_size": PATCH,
-            "spatial_merge_size": MERGE,
-            "temporal_patch_size": TEMPORAL,
-        },
-    }
-
-
-def tokenizer_config(ids: dict[str, int]) -> dict[str, Any]:
-    from tests.fixtures.colqwen3 import CHAT_TEMPLATE, QWEN_SPECIALS
-
-    decoder = {
-        str(ids[t]): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t in QWEN_SPECIALS
-    }
-    return {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": decoder,
-        "additional_special_tokens": list(QWEN_SPECIALS[1:]),
-        "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": MAX_POSITIONS,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-
-
-def preprocessor_config(max_pixels: int) -> dict[str, Any]:
-    return {
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_processor_type": "Qwen2VLImageProcessorFast",
-        "image_std": [0.5, 0.5, 0.5],
-        "max_pixels": max_pixels,
-        "merge_size": MERGE,
-        "min_pixels": MIN_PIXELS,
-        "patch_size": PATCH,
-        "processor_class": "Qwen3VLProcessor",
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"longest_edge": max_pixels, "shortest_edge": MIN_PIXELS},
-        "temporal_patch_size": TEMPORAL,
     }
 
 
@@ -267,22 +133,15 @@ def video_preprocessor_config() -> dict[str, Any]:
 def write_checkpoint(out_dir: Path, *, max_pixels: int = MAX_PIXELS, seed: int = SEED) -> Path:
     from safetensors.torch import save_file
 
-    from tests.fixtures.colqwen3 import QWEN_SPECIALS, bpe_tokenizer
-
-    tok = bpe_tokenizer()
-    ids = {s: int(tok.token_to_id(s)) for s in QWEN_SPECIALS}
-    vocab_size = 64 * math.ceil((max(ids.values()) + 1) / 64)
+    fx = fixture(max_pixels)
+    ids = fx._token_ids()
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def dump(name: str, data: dict[str, Any]) -> None:
-        (out_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    dump("config.json", config(ids, vocab_size))
-    dump("tokenizer_config.json", tokenizer_config(ids))
-    dump("preprocessor_config.json", preprocessor_config(max_pixels))
-    dump("video_preprocessor_config.json", video_preprocessor_config())
-    tok.save(str(out_dir / "tokenizer.json"), pretty=True)
-    state = weights(vocab_size, seed)
+    fx._write_json(out_dir / "config.json", config(fx, ids))
+    fx._write_json(out_dir / "tokenizer_config.json", fx._tokenizer_config(ids, None))
+    fx._write_json(out_dir / "preprocessor_config.json", fx.preprocessor_config())
+    fx._write_json(out_dir / "video_preprocessor_config.json", video_preprocessor_config())
+    fx.bpe_tokenizer().save(str(out_dir / "tokenizer.json"), pretty=True)
+    state = weights(fx, fx._vocab_size(ids), seed)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"), {"format": "pt"})
     return out_dir
 
