@@ -37,18 +37,24 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serving import ServerProcess, closed_loop, free_port, load_average, machine, percentile, pinned, wait_idle  # noqa: E402
+from bench_serving import (  # noqa: E402
+    HttpClient,
+    ServerProcess,
+    closed_loop,
+    free_port,
+    load_average,
+    machine,
+    percentile,
+    pinned,
+    wait_idle,
+)
 from bench_serving import Workload as TextWorkload  # noqa: E402
-from bench_vision import Images  # noqa: E402
+from bench_vision import Images, image_part  # noqa: E402
 
 RERANK_TEMPLATE = "examples/pooling/score/template/nemotron-vl-rerank.jinja"
 EMBED_TEMPLATE = "examples/pooling/embed/template/nemotron_embed_vl.jinja"
 SERVED = {"rerank": "nemotron-rerank-bench", "embed": "nemotron-embed-bench"}
 MIXES = {"rerank-text": ("rerank", 20), "rerank-image": ("rerank", 4), "embed-image": ("embed", 1)}
-
-
-def image_part(url: str) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": url}}
 
 
 class Workload:
@@ -107,22 +113,11 @@ class Result:
         return self
 
 
-class Target:
+class Target(HttpClient):
+    total_timeout = 900.0
+
     def __init__(self, name: str, index: int, bases: dict[str, str]) -> None:
         self.name, self.index, self.bases = name, index, bases
-        self.session: Any = None
-
-    async def open(self, concurrency: int) -> None:
-        import aiohttp
-
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency + 2), timeout=aiohttp.ClientTimeout(total=900)
-        )
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
 
     async def send(self, mix: str, body: dict[str, Any], result: Result | None) -> None:
         kind, pairs = MIXES[mix]
