@@ -119,9 +119,9 @@ class PatchConvAsLinear(nn.Module):
 
     def __init__(self, conv: nn.Conv2d | nn.Conv3d, dtype: torch.dtype) -> None:
         super().__init__()
-        kernel, stride = tuple(conv.kernel_size), tuple(conv.stride)
-        padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
-        if kernel != stride or conv.groups != 1 or any(p != 0 for p in padding if isinstance(p, int)):
+        padding = conv.padding
+        unpadded = padding == "valid" or (not isinstance(padding, str) and not any(padding))
+        if tuple(conv.kernel_size) != tuple(conv.stride) or conv.groups != 1 or not unpadded:
             raise ValueError("only a non-overlapping, unpadded, ungrouped patch convolution is one GEMM")
         weight = conv.weight.detach().reshape(conv.out_channels, -1)
         self.in_features = int(weight.shape[1])

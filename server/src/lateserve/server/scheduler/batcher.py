@@ -98,12 +98,11 @@ class Batcher:
                 if not batch:
                     break
                 lenders = self._lend_cores(worker, batch)
-                threads = worker.spec.threads + sum(w.spec.threads for w in lenders) if lenders else 0
+                own = worker.spec.threads
+                threads = own + sum(w.spec.threads for w in lenders)
                 # Sent now, not inside the task, so the worker counts as busy before the next cut.
-                sent = worker.submit([e.payload.item for e in batch], self.deadline_s(batch), threads)
-                self._book(
-                    worker.spec.worker_id, sum(e.num_tokens for e in batch), max(1, threads) / worker.spec.threads
-                )
+                sent = worker.submit([e.payload.item for e in batch], self.deadline_s(batch), threads if lenders else 0)
+                self._book(worker.spec.worker_id, sum(e.num_tokens for e in batch), threads / own)
                 task = asyncio.get_running_loop().create_task(self._run(worker, batch, sent, lenders))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
